@@ -1,0 +1,491 @@
+//! The libtest-mimic harness: scenarios × option sets → trials.
+//!
+//! Trial names are `<implementation>/<kernel>/<option-set>/<area>/<scenario>`
+//! so `cargo test metacopy` or `cargo nextest run -E 'test(/copy-up/)'`
+//! filter naturally. A scenario that fails to load becomes a failing trial
+//! `parse/<area>/<file>` naming file:line:column; the others still run.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use serde::{Deserialize, Serialize};
+
+use crate::compare::{self, SnapshotStatus, TrialContext};
+use crate::matrix::{Matrix, OptionSet};
+use crate::observe::Observation;
+use crate::probe::{self, Features};
+use crate::report::{self, Results, Status, TrialResult};
+use crate::sandbox::{self, Privilege};
+use crate::scenario::{self, FsKind, Op, Scenario, Vocabulary};
+use crate::spec::SpecIds;
+use crate::trial::{self, TrialJob};
+
+/// The implementation under test. Other backends join this list later.
+pub const KERNEL_IMPL: &str = "kernel";
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A job for a sandbox child.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ChildJob {
+    Trial(TrialJob),
+    Probe { root: bool },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ChildResult {
+    Observed(Box<Observation>),
+    Probed(Features),
+}
+
+/// Call first thing in `main` of every binary that runs trials: in a
+/// sandbox child this runs the job and exits.
+pub fn dispatch_child() {
+    if let Ok(payload) = std::env::var(sandbox::CHILD_ENV) {
+        sandbox::child_main(
+            &payload,
+            |job: &ChildJob| match job {
+                ChildJob::Trial(t) => t.privilege(),
+                ChildJob::Probe { root: true } => Privilege::Root,
+                ChildJob::Probe { root: false } => Privilege::UsernsSelf,
+            },
+            |job| match job {
+                ChildJob::Trial(t) => {
+                    trial::observe_trial(t).map(|o| ChildResult::Observed(Box::new(o)))
+                }
+                ChildJob::Probe { root } => Ok(ChildResult::Probed(probe::probe_all(root))),
+            },
+        );
+    }
+}
+
+/// The workspace root: `$OVLCONF_ROOT`, else where this crate was built.
+pub fn workspace_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("OVLCONF_ROOT") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// `6.18` from `6.18.44-...`: baselines are per major.minor.
+pub fn kernel_label(release: &str) -> String {
+    release.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Probe the running kernel once per process, in a sandbox child.
+pub fn features() -> &'static Features {
+    static F: OnceLock<Features> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = sandbox::is_root();
+        match sandbox::run_child::<_, ChildResult>(
+            &ChildJob::Probe { root },
+            Duration::from_secs(120),
+        ) {
+            Ok(ChildResult::Probed(f)) => f,
+            Ok(_) => panic!("probe child answered with something else"),
+            Err(e) => {
+                // No probe, no features: everything that requires one skips.
+                let mut f = Features::default();
+                for (name, _) in probe::FEATURES {
+                    f.missing
+                        .insert(name.to_string(), format!("probe failed: {e}"));
+                }
+                f
+            }
+        }
+    })
+}
+
+/// All `*.yaml` scenario files below `cases/`, sorted (matrix.yaml excluded).
+pub fn discover(cases: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![cases.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n != "snapshots") {
+                    dirs.push(p);
+                }
+            } else if p.extension().is_some_and(|x| x == "yaml") && p.parent() != Some(cases) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Why this scenario cannot run under this set here, before trying it.
+pub fn static_skip(sc: &Scenario, set: &OptionSet, root: bool) -> Option<String> {
+    if !root && !set.userns {
+        return Some(
+            "needs real root: this option set mounts in the initial user namespace".into(),
+        );
+    }
+    if !set.userns {
+        return None;
+    }
+    if sc.spec.fs != FsKind::Tmpfs {
+        return Some(format!(
+            "{} cannot be mounted inside a user namespace",
+            sc.spec.fs.name()
+        ));
+    }
+    let trees = sc
+        .spec
+        .layers
+        .lower
+        .iter()
+        .chain(&sc.spec.layers.upper)
+        .chain(&sc.spec.layers.data)
+        .chain(sc.steps.iter().filter_map(|s| match &s.op {
+            Op::Offline(a) => Some(&a.add),
+            _ => None,
+        }));
+    for tree in trees {
+        for (path, n) in tree {
+            let n = &n.value;
+            if n.chardev.is_some() || n.blockdev.is_some() {
+                return Some(format!(
+                    "`{path}`: device nodes cannot be made inside a user namespace"
+                ));
+            }
+            if n.xattrs
+                .keys()
+                .any(|k| k.starts_with("trusted.") || k.starts_with("security."))
+            {
+                return Some(format!(
+                    "`{path}`: trusted.*/security.* xattrs need real root"
+                ));
+            }
+            if !root && (n.uid.unwrap_or(0) != 0 || n.gid.unwrap_or(0) != 0) {
+                return Some(format!(
+                    "`{path}`: only uid/gid 0 is mapped when not running as root"
+                ));
+            }
+        }
+    }
+    for s in &sc.steps {
+        match &s.op {
+            Op::DropCaches => return Some("drop_caches needs real root".into()),
+            Op::Setxattr(a) if a.name.starts_with("trusted.") => {
+                return Some("trusted.* xattrs need real root".into())
+            }
+            Op::Mknod(a)
+                if matches!(
+                    a.kind,
+                    scenario::MknodKind::Chardev | scenario::MknodKind::Blockdev
+                ) =>
+            {
+                return Some("device nodes cannot be made inside a user namespace".into())
+            }
+            _ => {}
+        }
+        if !root && s.as_user.is_some() {
+            return Some("steps as another user need uids mapped, which needs root".into());
+        }
+    }
+    None
+}
+
+/// Features a trial needs beyond the scenario's own `requires:`.
+fn implied_requirements(sc: &Scenario, set: &OptionSet) -> Vec<String> {
+    let mut r: Vec<String> = sc.spec.requires.iter().map(|s| s.value.clone()).collect();
+    match sc.spec.fs {
+        FsKind::Tmpfs => {}
+        other => r.push(format!("fs_{}", other.name())),
+    }
+    if set.userns {
+        r.push("userns_overlay".into());
+        r.push("tmpfs_user_xattr".into());
+    }
+    r
+}
+
+/// Everything a run needs to build its trials.
+pub struct Suite {
+    pub root: PathBuf,
+    pub cases: PathBuf,
+    pub matrix: Matrix,
+    pub kernel: String,
+    pub release: String,
+    pub scenarios: Vec<Scenario>,
+    pub load_errors: Vec<scenario::LoadError>,
+}
+
+impl Suite {
+    pub fn load(root: &Path) -> Result<Suite, String> {
+        let cases = root.join("cases");
+        let spec_ids = SpecIds::load(&cases.join("BEHAVIOURS.md"))
+            .map_err(|e| format!("{}: {e}", cases.join("BEHAVIOURS.md").display()))?;
+        let matrix = Matrix::load(&cases.join("matrix.yaml")).map_err(|e| e.to_string())?;
+        let features = probe::feature_names();
+        let vocab = Vocabulary {
+            spec_ids: &spec_ids,
+            matrix: &matrix,
+            features: &features,
+        };
+        let mut scenarios = Vec::new();
+        let mut load_errors = Vec::new();
+        for f in discover(&cases) {
+            match scenario::load(&f, &cases, &vocab) {
+                Ok(s) => scenarios.push(s),
+                Err(e) => load_errors.push(e),
+            }
+        }
+        let release = kernel_release();
+        Ok(Suite {
+            root: root.to_path_buf(),
+            cases,
+            kernel: kernel_label(&release),
+            release,
+            matrix,
+            scenarios,
+            load_errors,
+        })
+    }
+
+    /// The option sets a scenario runs under.
+    pub fn sets_for<'a>(
+        &'a self,
+        sc: &'a Scenario,
+    ) -> impl Iterator<Item = (&'a String, &'a OptionSet)> + 'a {
+        self.matrix.sets.iter().filter(move |(name, _)| {
+            let allowed = match &sc.spec.option_sets {
+                Some(list) => list.iter().any(|s| &s.value == *name),
+                None => true,
+            };
+            allowed && !sc.spec.skip_option_sets.iter().any(|s| &s.value == *name)
+        })
+    }
+
+    pub fn trials(&self, results: Arc<Mutex<Vec<TrialResult>>>) -> Vec<Trial> {
+        let mut trials = Vec::new();
+        for e in &self.load_errors {
+            let rel = e
+                .file
+                .strip_prefix(&self.cases)
+                .unwrap_or(&e.file)
+                .display()
+                .to_string();
+            let name = format!("parse/{}", rel.trim_end_matches(".yaml"));
+            let pretty = format!(
+                "{}:{}:{}: {}",
+                rel_to(&e.file, &self.root),
+                e.line,
+                e.column,
+                e.message
+            );
+            let results = results.clone();
+            trials.push(Trial::test(name.clone(), move || {
+                results.lock().expect("results").push(TrialResult {
+                    name,
+                    status: Status::Fail,
+                    reason: pretty.clone(),
+                    covers: vec![],
+                    duration_ms: 0,
+                });
+                Err(Failed::from(pretty))
+            }));
+        }
+        let root = sandbox::is_root();
+        for sc in &self.scenarios {
+            for (set_name, set) in self.sets_for(sc) {
+                let name = format!(
+                    "{KERNEL_IMPL}/{}/{set_name}/{}/{}",
+                    self.kernel, sc.area, sc.name
+                );
+                let sc = sc.clone();
+                let set = set.clone();
+                let set_name = set_name.clone();
+                let kernel = self.kernel.clone();
+                let cases = self.cases.clone();
+                let results = results.clone();
+                trials.push(Trial::ignorable_test(name.clone(), move || {
+                    let start = Instant::now();
+                    let outcome = run_trial(&sc, &set_name, &set, &kernel, &cases, root);
+                    let (status, reason) = match &outcome {
+                        Ok(Completion::Completed) => (Status::Pass, String::new()),
+                        Ok(Completion::Ignored { reason }) => {
+                            (Status::Skip, reason.clone().unwrap_or_default())
+                        }
+                        Err(f) => (Status::Fail, f.message().unwrap_or("").to_string()),
+                    };
+                    let note = PENDING_NOTE.with(|n| n.take());
+                    results.lock().expect("results").push(TrialResult {
+                        name,
+                        status,
+                        reason: if reason.is_empty() {
+                            note.unwrap_or_default()
+                        } else {
+                            reason
+                        },
+                        covers: sc.spec.covers.iter().map(|c| c.value.clone()).collect(),
+                        duration_ms: start.elapsed().as_millis() as u64,
+                    });
+                    outcome
+                }));
+            }
+        }
+        trials
+    }
+}
+
+thread_local! {
+    static PENDING_NOTE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
+fn rel_to(p: &Path, root: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+/// Strict mode: a trial without a baseline fails instead of passing.
+pub fn strict() -> bool {
+    std::env::var("OVLCONF_STRICT").is_ok_and(|v| v == "1")
+}
+
+fn run_trial(
+    sc: &Scenario,
+    set_name: &str,
+    set: &OptionSet,
+    kernel: &str,
+    cases: &Path,
+    root: bool,
+) -> Result<Completion, Failed> {
+    if let Some(why) = static_skip(sc, set, root) {
+        return Ok(Completion::ignored_with(why));
+    }
+    let features = features();
+    if let Some(why) = features.unmet(&implied_requirements(sc, set)) {
+        return Ok(Completion::ignored_with(why));
+    }
+    let job = ChildJob::Trial(TrialJob {
+        cases_root: cases.to_path_buf(),
+        file: sc.file.clone(),
+        set: set_name.to_string(),
+        userns: set.userns,
+        root,
+    });
+    let timeout = sc
+        .spec
+        .timeout
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let obs = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
+        Ok(ChildResult::Observed(o)) => *o,
+        Ok(_) => return Err("trial child answered with something else".into()),
+        Err(e) => return Err(e.into()),
+    };
+    let ctx = TrialContext {
+        set_name,
+        implementation: KERNEL_IMPL,
+        features,
+        xattr_prefix: set.xattr_prefix(),
+    };
+    let problems = compare::check(sc, &obs, &ctx);
+    if !problems.is_empty() {
+        let file = sc.file.display();
+        return Err(format!(
+            "{file}: {} expectation(s) not met:\n  - {}",
+            problems.len(),
+            problems.join("\n  - ")
+        )
+        .into());
+    }
+    let name = compare::snapshot_name(&sc.name, KERNEL_IMPL, kernel, set_name);
+    match compare::snapshot(sc, &name, &obs) {
+        SnapshotStatus::Matched => Ok(Completion::Completed),
+        SnapshotStatus::New if strict() => {
+            Err(format!("no baseline snapshot {name} (strict mode)").into())
+        }
+        SnapshotStatus::New => {
+            PENDING_NOTE.with(|n| n.set(Some(format!("new snapshot {name} pending review"))));
+            Ok(Completion::Completed)
+        }
+        SnapshotStatus::Differs(d) => {
+            Err(format!("observation differs from the baseline snapshot {name}:\n{d}").into())
+        }
+    }
+}
+
+fn read_taint() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/tainted")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The whole run: used by `tests/conformance.rs` and `ovlconf run`.
+pub fn main_with(mut args: Arguments) -> std::process::ExitCode {
+    dispatch_child();
+    let root = workspace_root();
+    let suite = match Suite::load(&root) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ovlconf: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if args.test_threads.is_none() {
+        // Trials mostly wait on the kernel; a few more than cores keeps it busy.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        args.test_threads = Some(cores * 2);
+    }
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let trials = suite.trials(results.clone());
+    let taint_before = read_taint();
+    let listing = args.list;
+    let conclusion = libtest_mimic::run(&args, trials);
+    if listing {
+        return conclusion.exit_code();
+    }
+    let results = std::mem::take(&mut *results.lock().expect("results"));
+    let pending: Vec<String> = results
+        .iter()
+        .filter(|r| r.reason.starts_with("new snapshot"))
+        .map(|r| r.name.clone())
+        .collect();
+    let results = Results::new(&suite.kernel, &suite.release, results);
+    let path = report::results_path(&root);
+    if let Err(e) = results.write(&path) {
+        eprintln!("ovlconf: writing {}: {e}", path.display());
+    } else if !results.trials.is_empty() {
+        eprintln!("ovlconf: results in {}", path.display());
+    }
+    if !pending.is_empty() {
+        eprintln!(
+            "ovlconf: {} trial(s) had no baseline for kernel {}; new snapshots are pending review (`cargo insta review`):",
+            pending.len(),
+            suite.kernel
+        );
+        for p in pending.iter().take(20) {
+            eprintln!("  {p}");
+        }
+    }
+    let taint_after = read_taint();
+    if let (Some(b), Some(a)) = (taint_before, taint_after) {
+        if a & !b != 0 {
+            eprintln!("ovlconf: the kernel became tainted during this run: {b} -> {a} (new bits {:#x}); see dmesg", a & !b);
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    conclusion.exit_code()
+}

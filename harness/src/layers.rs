@@ -1,0 +1,348 @@
+//! Stage 2, build layers: fresh filesystems, then each layer's tree on them.
+//!
+//! Runs inside the trial's private mount namespace, under the trial root
+//! (a tmpfs of its own), so nothing here touches the host's filesystems.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::io::Write;
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid};
+
+use crate::matrix::{OptionSet, Placement};
+use crate::scenario::{FsKind, LayersSpec, NodeSpec, TreeSpec, WhiteoutForm};
+
+/// Everything inside a trial lives below this path, on the trial's tmpfs.
+pub const TRIAL_ROOT: &str = "/tmp/ovlconf";
+
+/// The built layer stack: where each layer is and which device it is on.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub root: PathBuf,
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub data: Vec<PathBuf>,
+    pub merged: PathBuf,
+    /// Layer name (`lower0`, `upper`, `data0`) -> st_dev of its filesystem.
+    pub devs: BTreeMap<String, u64>,
+    /// `trusted.` or `user.`: where overlay keeps its private xattrs.
+    pub xattr_prefix: &'static str,
+}
+
+impl Stack {
+    pub fn layer_dir(&self, name: &str) -> Option<&Path> {
+        if name == "upper" {
+            return self.upper.as_deref();
+        }
+        if let Some(i) = name.strip_prefix("lower") {
+            return self
+                .lowers
+                .get(i.parse::<usize>().ok()?)
+                .map(|p| p.as_path());
+        }
+        if let Some(i) = name.strip_prefix("data") {
+            return self.data.get(i.parse::<usize>().ok()?).map(|p| p.as_path());
+        }
+        None
+    }
+}
+
+/// Make the filesystems and write every layer's tree.
+pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Result<Stack> {
+    let root = PathBuf::from(TRIAL_ROOT);
+    fs::create_dir_all(&root)?;
+    let merged = root.join("merged");
+    fs::create_dir_all(&merged)?;
+
+    let mut names: Vec<String> = (0..layers.lower.len())
+        .map(|i| format!("lower{i}"))
+        .collect();
+    names.extend((0..layers.data.len()).map(|i| format!("data{i}")));
+    if layers.upper.is_some() {
+        names.push("upper".into());
+    }
+
+    // Filesystem mount point for each layer name.
+    let mut fs_of: BTreeMap<String, PathBuf> = BTreeMap::new();
+    match set.placement {
+        Placement::Samefs => {
+            let shared = root.join("fs/all");
+            make_fs(&root, "all", fs_kind, &shared)?;
+            for n in &names {
+                fs_of.insert(n.clone(), shared.clone());
+            }
+        }
+        Placement::Separate => {
+            for n in &names {
+                let dir = root.join("fs").join(n);
+                make_fs(&root, n, fs_kind, &dir)?;
+                fs_of.insert(n.clone(), dir);
+            }
+        }
+    }
+
+    let prefix = set.xattr_prefix();
+    let mut stack = Stack {
+        root: root.clone(),
+        lowers: vec![],
+        upper: None,
+        work: None,
+        data: vec![],
+        merged,
+        devs: BTreeMap::new(),
+        xattr_prefix: prefix,
+    };
+    for (i, tree) in layers.lower.iter().enumerate() {
+        let name = format!("lower{i}");
+        let dir = fs_of[&name].join(&name);
+        fs::create_dir_all(&dir)?;
+        populate(&dir, tree, prefix)?;
+        stack.lowers.push(dir);
+    }
+    for (i, tree) in layers.data.iter().enumerate() {
+        let name = format!("data{i}");
+        let dir = fs_of[&name].join(&name);
+        fs::create_dir_all(&dir)?;
+        populate(&dir, tree, prefix)?;
+        stack.data.push(dir);
+    }
+    if let Some(tree) = &layers.upper {
+        let base = &fs_of["upper"];
+        let upper = base.join("upper");
+        let work = base.join("work");
+        fs::create_dir_all(&upper)?;
+        fs::create_dir_all(&work)?;
+        populate(&upper, tree, prefix)?;
+        stack.upper = Some(upper);
+        stack.work = Some(work);
+    }
+    for n in &names {
+        let dir = stack.layer_dir(n).expect("layer just made");
+        stack
+            .devs
+            .insert(n.clone(), nix::sys::stat::stat(dir)?.st_dev);
+    }
+    Ok(stack)
+}
+
+/// A fresh filesystem at `dir`: a tmpfs, or a loop image on the trial tmpfs.
+fn make_fs(root: &Path, name: &str, kind: FsKind, dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    if kind == FsKind::Tmpfs {
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?;
+        return Ok(());
+    }
+    let img_dir = root.join("img");
+    fs::create_dir_all(&img_dir)?;
+    let img = img_dir.join(format!("{name}.img"));
+    // The smallest sizes each mkfs accepts, sparse on the trial tmpfs.
+    let (size, mkfs, args): (u64, &str, &[&str]) = match kind {
+        FsKind::Ext4 => (64 << 20, "mkfs.ext4", &["-q", "-F", "-O", "^has_journal"]),
+        FsKind::Xfs => (320 << 20, "mkfs.xfs", &["-q", "-f"]),
+        FsKind::Btrfs => (128 << 20, "mkfs.btrfs", &["-q", "-f"]),
+        FsKind::Tmpfs => unreachable!(),
+    };
+    fs::File::create(&img)?.set_len(size)?;
+    run(Command::new(mkfs).args(args).arg(&img))?;
+    // mount(8) sets up the loop device with autoclear, so the device goes
+    // away with the mount when the trial's namespace dies.
+    run(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&img)
+        .arg(dir))?;
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The real xattr name for a scenario's name: `overlay.*` gets the prefix.
+pub fn xattr_name(name: &str, prefix: &str) -> String {
+    if name.starts_with("overlay.") {
+        format!("{prefix}{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Write a tree into `dir`. Order: objects, then hardlinks, then attributes,
+/// then times deepest first (creating children changes a directory's mtime).
+pub fn populate(dir: &Path, tree: &TreeSpec, prefix: &str) -> io::Result<()> {
+    let ctx = |p: &str, e: io::Error| io::Error::new(e.kind(), format!("building `{p}`: {e}"));
+    for (rel, node) in tree {
+        let n = &node.value;
+        if n.hardlink.is_some() {
+            continue;
+        }
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            make_parents(parent).map_err(|e| ctx(rel, e))?;
+        }
+        create(&path, n, prefix).map_err(|e| ctx(rel, e))?;
+    }
+    for (rel, node) in tree {
+        if let Some(target) = &node.value.hardlink {
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                make_parents(parent).map_err(|e| ctx(rel, e))?;
+            }
+            fs::hard_link(dir.join(target), &path).map_err(|e| ctx(rel, e))?;
+        }
+    }
+    for (rel, node) in tree {
+        attributes(&dir.join(rel), &node.value, prefix).map_err(|e| ctx(rel, e))?;
+    }
+    for (rel, node) in tree.iter().rev() {
+        if let Some(t) = node.value.mtime {
+            let ts = TimeSpec::new(t, 0);
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &dir.join(rel),
+                &ts,
+                &ts,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| ctx(rel, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Directories a tree does not list are made 0755, like `mkdir -p`.
+fn make_parents(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+}
+
+/// Default modes: the trial runs with umask 0, so say them explicitly.
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+fn create(path: &Path, n: &NodeSpec, prefix: &str) -> io::Result<()> {
+    let dev = |mm: [u32; 2]| makedev(mm[0] as u64, mm[1] as u64);
+    if let Some(content) = &n.file {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)?
+            .write_all(content.as_bytes())?;
+        if let Some(size) = n.size {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .set_len(size)?;
+        }
+    } else if let Some(size) = n.size {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)?
+            .set_len(size)?;
+    } else if n.dir.is_some() {
+        match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            r => r?,
+        }
+    } else if let Some(target) = &n.symlink {
+        symlink(target, path)?;
+    } else if n.fifo.is_some() {
+        mknod(path, SFlag::S_IFIFO, Mode::from_bits_truncate(FILE_MODE), 0)?;
+    } else if let Some(mm) = n.chardev {
+        mknod(
+            path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o644),
+            dev(mm),
+        )?;
+    } else if let Some(mm) = n.blockdev {
+        mknod(
+            path,
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(0o644),
+            dev(mm),
+        )?;
+    } else if n.socket.is_some() {
+        mknod(path, SFlag::S_IFSOCK, Mode::from_bits_truncate(0o644), 0)?;
+    } else if let Some(form) = n.whiteout {
+        match form {
+            WhiteoutForm::Chardev => mknod(path, SFlag::S_IFCHR, Mode::empty(), 0)?,
+            WhiteoutForm::Xattr => {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(FILE_MODE)
+                    .open(path)?;
+                xattr::set(path, xattr_name("overlay.whiteout", prefix), b"")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn attributes(path: &Path, n: &NodeSpec, prefix: &str) -> io::Result<()> {
+    if let Some(mark) = n.opaque {
+        xattr::set(
+            path,
+            xattr_name("overlay.opaque", prefix),
+            mark.value().as_bytes(),
+        )?;
+    }
+    for (name, value) in &n.xattrs {
+        let value = value.as_deref().unwrap_or("");
+        xattr::set(path, xattr_name(name, prefix), value.as_bytes())?;
+    }
+    if n.uid.is_some() || n.gid.is_some() {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            n.uid.map(Uid::from_raw),
+            n.gid.map(Gid::from_raw),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+    }
+    // chmod after chown: chown clears set-id bits.
+    if let Some(mode) = n.mode {
+        if n.symlink.is_none() {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove paths from a layer (an offline change), whatever their type.
+pub fn remove(dir: &Path, rel: &str) -> io::Result<()> {
+    let path = dir.join(rel);
+    match fs::symlink_metadata(&path)? {
+        m if m.is_dir() => fs::remove_dir_all(path),
+        _ => fs::remove_file(path),
+    }
+}

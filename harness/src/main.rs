@@ -1,0 +1,76 @@
+//! The `ovlconf` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ovlconf", about = "Conformance suite for Linux overlayfs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the conformance trials (takes the same arguments as `cargo test`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Check scenario files without running them (default: all of cases/).
+    Check { files: Vec<PathBuf> },
+    /// Probe the running kernel's features and print them.
+    Probe,
+}
+
+fn main() -> ExitCode {
+    ovlconf::harness::dispatch_child();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { args } => {
+            let mut argv = vec!["ovlconf run".to_string()];
+            argv.extend(args);
+            ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(argv))
+        }
+        Cmd::Check { files } => check(files),
+        Cmd::Probe => {
+            let f = ovlconf::harness::features();
+            for name in &f.present {
+                println!("{name}: yes");
+            }
+            for (name, why) in &f.missing {
+                println!("{name}: no ({why})");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn check(files: Vec<PathBuf>) -> ExitCode {
+    let root = ovlconf::harness::workspace_root();
+    let suite = match ovlconf::harness::Suite::load(&root) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut bad = 0;
+    for e in &suite.load_errors {
+        if files.is_empty() || files.iter().any(|f| e.file.ends_with(f)) {
+            eprintln!("{e}");
+            bad += 1;
+        }
+    }
+    println!(
+        "{} scenario(s) loaded, {bad} with errors",
+        suite.scenarios.len()
+    );
+    if bad > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,323 @@
+//! Feature probes, in the spirit of xfstests' `_require_*`: each one really
+//! tries the thing on the running kernel, in a sandbox, once per run. A
+//! scenario `requires:` features by name; an unmet one skips the trial and
+//! the skip shows the probe's reason. Never a kernel version check.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use nix::mount::{mount, MsFlags};
+use serde::{Deserialize, Serialize};
+
+/// Every feature a scenario may name, with what its probe tries.
+pub const FEATURES: &[(&str, &str)] = &[
+    (
+        "root",
+        "running as real root (CAP_SYS_ADMIN in the initial user namespace)",
+    ),
+    (
+        "userns_overlay",
+        "an overlay mount with userxattr inside a new user namespace",
+    ),
+    ("tmpfs_user_xattr", "user.* xattrs on tmpfs"),
+    (
+        "xattr_whiteout",
+        "a zero-size file with overlay.whiteout in a lower layer acts as a whiteout",
+    ),
+    (
+        "data_only_layers",
+        "lowerdir=a::b data-only layers (with metacopy=on)",
+    ),
+    ("new_mount_api", "fsopen(\"overlay\")"),
+    ("lowerdir_append", "fsconfig lowerdir+"),
+    ("uuid_null", "the uuid=null mount option"),
+    ("fs_ext4", "mkfs.ext4 and a loop-mounted ext4"),
+    ("fs_xfs", "mkfs.xfs and a loop-mounted xfs"),
+    ("fs_btrfs", "mkfs.btrfs and a loop-mounted btrfs"),
+];
+
+pub fn feature_names() -> Vec<&'static str> {
+    FEATURES.iter().map(|(n, _)| *n).collect()
+}
+
+/// Feature -> None when present, Some(reason) when missing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Features {
+    pub missing: BTreeMap<String, String>,
+    pub present: Vec<String>,
+}
+
+impl Features {
+    pub fn has(&self, name: &str) -> bool {
+        self.present.iter().any(|p| p == name)
+    }
+
+    /// The first unmet requirement, as a skip reason.
+    pub fn unmet(&self, required: &[String]) -> Option<String> {
+        required.iter().find(|r| !self.has(r)).map(|r| {
+            let why = self
+                .missing
+                .get(r)
+                .cloned()
+                .unwrap_or_else(|| "not probed".into());
+            format!("requires {r}: {why}")
+        })
+    }
+}
+
+/// Runs inside a sandbox child: try each feature.
+pub fn probe_all(root: bool) -> Features {
+    let mut f = Features::default();
+    let base = Path::new("/tmp/probe");
+    let results: Vec<(&str, Result<(), String>)> = vec![
+        (
+            "root",
+            if root {
+                Ok(())
+            } else {
+                Err("not running as root".into())
+            },
+        ),
+        ("userns_overlay", in_forked(probe_userns_overlay)),
+        ("tmpfs_user_xattr", probe_tmpfs_user_xattr(&base.join("ux"))),
+        (
+            "xattr_whiteout",
+            probe_xattr_whiteout(&base.join("xw"), root),
+        ),
+        (
+            "data_only_layers",
+            probe_overlay(
+                &base.join("dol"),
+                "lowerdir=$L::$D,upperdir=$U,workdir=$W,metacopy=on",
+            ),
+        ),
+        ("new_mount_api", probe_fsopen(None)),
+        ("lowerdir_append", probe_fsopen(Some(&base.join("lda")))),
+        (
+            "uuid_null",
+            probe_overlay(
+                &base.join("uuid"),
+                "lowerdir=$L,upperdir=$U,workdir=$W,uuid=null",
+            ),
+        ),
+        (
+            "fs_ext4",
+            probe_loop_fs(&base.join("ext4"), "ext4", &["-q", "-F"], 64),
+        ),
+        (
+            "fs_xfs",
+            probe_loop_fs(&base.join("xfs"), "xfs", &["-q", "-f"], 320),
+        ),
+        (
+            "fs_btrfs",
+            probe_loop_fs(&base.join("btrfs"), "btrfs", &["-q", "-f"], 128),
+        ),
+    ];
+    for (name, r) in results {
+        match r {
+            Ok(()) => f.present.push(name.to_string()),
+            Err(why) => {
+                f.missing.insert(name.to_string(), why);
+            }
+        }
+    }
+    f
+}
+
+fn errtext(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+/// A tmpfs with lower, data, upper, work and merged dirs.
+fn scratch(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| errtext("mkdir", e))?;
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| errtext("tmpfs", e))?;
+    for d in ["l", "d", "u", "w", "m"] {
+        fs::create_dir(dir.join(d)).map_err(|e| errtext("mkdir", e))?;
+    }
+    Ok(())
+}
+
+fn expand(dir: &Path, opts: &str) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    opts.replace("$L", &p("l"))
+        .replace("$D", &p("d"))
+        .replace("$U", &p("u"))
+        .replace("$W", &p("w"))
+}
+
+fn probe_overlay(dir: &Path, opts: &str) -> Result<(), String> {
+    scratch(dir)?;
+    let opts = expand(dir, opts);
+    mount(
+        Some("overlay"),
+        &dir.join("m"),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        format!(
+            "mount -o {} gave {}",
+            opts.replace(&dir.display().to_string(), "."),
+            crate::errno::name(e as i32)
+        )
+    })
+}
+
+fn probe_tmpfs_user_xattr(dir: &Path) -> Result<(), String> {
+    scratch(dir)?;
+    let f = dir.join("l/f");
+    fs::write(&f, "").map_err(|e| errtext("create", e))?;
+    xattr::set(&f, "user.probe", b"1")
+        .map_err(|e| format!("setxattr user.* on tmpfs: {}", crate::errno::of_io(&e)))
+}
+
+fn probe_xattr_whiteout(dir: &Path, root: bool) -> Result<(), String> {
+    if !root {
+        return Err("needs trusted.* xattrs (root) to build the probe".into());
+    }
+    scratch(dir)?;
+    let d = dir.join("l/d");
+    fs::create_dir(&d).map_err(|e| errtext("mkdir", e))?;
+    fs::write(d.join("gone"), "").map_err(|e| errtext("create", e))?;
+    xattr::set(d.join("gone"), "trusted.overlay.whiteout", b"")
+        .map_err(|e| errtext("setxattr", e))?;
+    xattr::set(&d, "trusted.overlay.opaque", b"x").map_err(|e| errtext("setxattr", e))?;
+    probe_overlay_mounted(dir, "lowerdir=$L,upperdir=$U,workdir=$W")?;
+    match fs::symlink_metadata(dir.join("m/d/gone")) {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
+        Ok(_) => Err("the xattr whiteout is visible as a file".into()),
+        Err(e) => Err(errtext("lookup", e)),
+    }
+}
+
+fn probe_overlay_mounted(dir: &Path, opts: &str) -> Result<(), String> {
+    let opts = expand(dir, opts);
+    mount(
+        Some("overlay"),
+        &dir.join("m"),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| errtext("overlay mount", crate::errno::name(e as i32)))
+}
+
+fn probe_fsopen(append_dir: Option<&Path>) -> Result<(), String> {
+    use rustix::mount::{fsconfig_create, fsconfig_set_string, fsopen, FsOpenFlags};
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| format!("fsopen(overlay): {}", crate::errno::name(e.raw_os_error())))?;
+    let Some(dir) = append_dir else { return Ok(()) };
+    scratch(dir)?;
+    let l = dir.join("l").display().to_string();
+    fsconfig_set_string(&fs, "lowerdir+", l.as_str()).map_err(|e| {
+        format!(
+            "fsconfig lowerdir+: {}",
+            crate::errno::name(e.raw_os_error())
+        )
+    })?;
+    fsconfig_set_string(
+        &fs,
+        "lowerdir+",
+        dir.join("d").display().to_string().as_str(),
+    )
+    .map_err(|e| {
+        format!(
+            "fsconfig lowerdir+: {}",
+            crate::errno::name(e.raw_os_error())
+        )
+    })?;
+    fsconfig_create(&fs).map_err(|e| {
+        format!(
+            "fsconfig create with lowerdir+: {}",
+            crate::errno::name(e.raw_os_error())
+        )
+    })
+}
+
+fn probe_loop_fs(dir: &Path, fs_name: &str, args: &[&str], mib: u64) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| errtext("mkdir", e))?;
+    let img = dir.join("img");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(mib << 20))
+        .map_err(|e| errtext("image", e))?;
+    let mkfs = format!("mkfs.{fs_name}");
+    let out = Command::new(&mkfs)
+        .args(args)
+        .arg(&img)
+        .output()
+        .map_err(|e| format!("{mkfs}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{mkfs} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mnt = dir.join("m");
+    fs::create_dir_all(&mnt).map_err(|e| errtext("mkdir", e))?;
+    let out = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "loop mount of {fs_name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Run a probe in a forked child (it may enter namespaces of its own).
+fn in_forked(probe: fn() -> Result<(), String>) -> Result<(), String> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    let (r, w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    // SAFETY: the probe child is single-threaded.
+    match unsafe { fork() }.map_err(|e| e.to_string())? {
+        ForkResult::Child => {
+            drop(r);
+            let msg = match probe() {
+                Ok(()) => String::new(),
+                Err(e) => e,
+            };
+            let _ = nix::unistd::write(&w, msg.as_bytes());
+            std::process::exit(0)
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut msg = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut fs::File::from(r), &mut msg);
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, 0)) if msg.is_empty() => Ok(()),
+                Ok(WaitStatus::Exited(_, 0)) => Err(String::from_utf8_lossy(&msg).into_owned()),
+                other => Err(format!("probe child ended with {other:?}")),
+            }
+        }
+    }
+}
+
+fn probe_userns_overlay() -> Result<(), String> {
+    use nix::sched::{unshare, CloneFlags};
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("unshare(CLONE_NEWUSER): {e}"))?;
+    fs::write("/proc/self/uid_map", format!("0 {uid} 1")).map_err(|e| errtext("uid_map", e))?;
+    fs::write("/proc/self/setgroups", "deny").map_err(|e| errtext("setgroups", e))?;
+    fs::write("/proc/self/gid_map", format!("0 {gid} 1")).map_err(|e| errtext("gid_map", e))?;
+    let dir = Path::new("/tmp/probe/userns");
+    scratch(dir)?;
+    probe_overlay_mounted(dir, "lowerdir=$L,upperdir=$U,workdir=$W,userxattr")
+}

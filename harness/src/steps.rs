@@ -1,0 +1,403 @@
+//! Stage 4, run steps: each operation on the merged view, its outcome and
+//! whatever it returned, recorded for the compare stage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, RenameFlags};
+use nix::sys::stat::{makedev, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid};
+
+use crate::errno;
+use crate::layers::{self, Stack};
+use crate::mount;
+use crate::observe::{self, EntryObs, Observer, StepObs};
+use crate::scenario::{AsUser, MknodKind, Op, ReaddirArgs, StatArgs, Step};
+
+/// The state steps share: the stack, named fds, identity classes.
+pub struct Ctx<'a> {
+    pub stack: &'a Stack,
+    pub mount_opts: String,
+    pub fds: HashMap<String, OwnedFd>,
+    pub observer: Observer,
+    /// Raw (st_dev, st_ino) of each capture name, for same_as/differs_from.
+    pub captures: BTreeMap<String, String>,
+    pub fsid_captures: BTreeMap<String, String>,
+}
+
+pub fn open_flag(name: &str) -> Option<OFlag> {
+    match name {
+        "O_RDONLY" => Some(OFlag::O_RDONLY),
+        _ => OFlag::from_name(name),
+    }
+}
+
+pub fn rename_flag(name: &str) -> Option<RenameFlags> {
+    match name.trim_start_matches("RENAME_") {
+        "NOREPLACE" => Some(RenameFlags::RENAME_NOREPLACE),
+        "EXCHANGE" => Some(RenameFlags::RENAME_EXCHANGE),
+        "WHITEOUT" => Some(RenameFlags::RENAME_WHITEOUT),
+        _ => None,
+    }
+}
+
+type StepResult = Result<StepObs, Errno>;
+
+impl Ctx<'_> {
+    fn path(&self, rel: &str) -> PathBuf {
+        if rel == "." {
+            return self.stack.merged.clone();
+        }
+        // Keep a trailing slash: it has its own errnos.
+        let mut s = self.stack.merged.as_os_str().as_bytes().to_vec();
+        s.push(b'/');
+        s.extend_from_slice(rel.as_bytes());
+        PathBuf::from(OsStr::from_bytes(&s))
+    }
+
+    fn fd(&self, name: &str) -> Result<&OwnedFd, Errno> {
+        // A step naming an fd that was never opened is a scenario bug: EBADF.
+        self.fds.get(name).ok_or(Errno::EBADF)
+    }
+
+    /// Refresh the overlay's st_dev after a (re)mount.
+    pub fn note_mounted(&mut self) {
+        if let Ok(st) = nix::sys::stat::stat(&self.stack.merged) {
+            self.observer.overlay_dev = st.st_dev;
+        }
+    }
+
+    /// Run one step and record what happened.
+    pub fn run(&mut self, step: &Step) -> StepObs {
+        let label = step.op.label();
+        let result = match step.as_user {
+            Some(user) => self.as_user(user, |ctx| ctx.exec(&step.op)),
+            None => self.exec(&step.op),
+        };
+        match result {
+            Ok(mut obs) => {
+                obs.step = label;
+                obs.outcome = "ok".into();
+                obs
+            }
+            Err(e) => StepObs {
+                step: label,
+                outcome: errno::name(e as i32),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Run with another uid/gid: effective ids switch (dropping the effective
+    /// capabilities) and switch back afterwards; the trial is single-threaded.
+    fn as_user(&mut self, user: AsUser, f: impl FnOnce(&mut Self) -> StepResult) -> StepResult {
+        use nix::unistd::{setgroups, setresgid, setresuid};
+        let keep = |r: nix::Result<()>| r.expect("changing ids in the trial process");
+        let none_u = Uid::from_raw(u32::MAX);
+        let none_g = Gid::from_raw(u32::MAX);
+        keep(setgroups(&[Gid::from_raw(user.gid)]));
+        keep(setresgid(none_g, Gid::from_raw(user.gid), none_g));
+        keep(setresuid(none_u, Uid::from_raw(user.uid), none_u));
+        let r = f(self);
+        keep(setresuid(none_u, Uid::from_raw(0), none_u));
+        keep(setresgid(none_g, Gid::from_raw(0), none_g));
+        keep(setgroups(&[]));
+        r
+    }
+
+    fn exec(&mut self, op: &Op) -> StepResult {
+        let io = |e: io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32));
+        let ok = || Ok(StepObs::default());
+        match op {
+            Op::Open(a) => {
+                let mut flags = OFlag::empty();
+                for f in &a.flags {
+                    flags |= open_flag(f).unwrap_or(OFlag::empty());
+                }
+                let mode = Mode::from_bits_truncate(a.mode.unwrap_or(0o644));
+                let fd = nix::fcntl::open(&self.path(&a.path), flags | OFlag::O_CLOEXEC, mode)?;
+                if let Some(name) = &a.fd {
+                    self.fds.insert(name.clone(), fd);
+                }
+                ok()
+            }
+            Op::Read(a) => {
+                let mut buf = vec![0u8; a.len.unwrap_or(64 * 1024)];
+                let n = nix::unistd::read(self.fd(&a.fd)?, &mut buf)?;
+                Ok(StepObs {
+                    data: Some(observe::render_bytes(&buf[..n])),
+                    ..Default::default()
+                })
+            }
+            Op::Write(a) => {
+                let fd = self.fd(&a.fd)?;
+                let n = nix::unistd::write(fd, a.data.as_bytes())?;
+                if n != a.data.len() {
+                    return Err(Errno::EIO);
+                }
+                ok()
+            }
+            Op::Close(name) => {
+                self.fds.remove(name).ok_or(Errno::EBADF)?;
+                ok()
+            }
+            Op::Seek(a) => {
+                nix::unistd::lseek(self.fd(&a.fd)?, a.offset, nix::unistd::Whence::SeekSet)?;
+                ok()
+            }
+            Op::Truncate(a) => {
+                nix::unistd::truncate(&self.path(&a.path), a.size as i64)?;
+                ok()
+            }
+            Op::Ftruncate(a) => {
+                nix::unistd::ftruncate(self.fd(&a.fd)?, a.size as i64)?;
+                ok()
+            }
+            Op::Mkdir(a) => {
+                nix::unistd::mkdir(
+                    &self.path(&a.path),
+                    Mode::from_bits_truncate(a.mode.unwrap_or(0o755)),
+                )?;
+                ok()
+            }
+            Op::Rmdir(p) => {
+                fs::remove_dir(self.path(p)).map_err(io)?;
+                ok()
+            }
+            Op::Unlink(p) => {
+                nix::unistd::unlink(&self.path(p))?;
+                ok()
+            }
+            Op::Rename(a) => {
+                let mut flags = RenameFlags::empty();
+                for f in &a.flags {
+                    flags |= rename_flag(f).unwrap_or(RenameFlags::empty());
+                }
+                let cwd = nix::fcntl::AT_FDCWD;
+                nix::fcntl::renameat2(cwd, &self.path(&a.from), cwd, &self.path(&a.to), flags)?;
+                ok()
+            }
+            Op::Link(a) => {
+                fs::hard_link(self.path(&a.from), self.path(&a.to)).map_err(io)?;
+                ok()
+            }
+            Op::Symlink(a) => {
+                std::os::unix::fs::symlink(&a.target, self.path(&a.path)).map_err(io)?;
+                ok()
+            }
+            Op::Readlink(a) => {
+                let t = fs::read_link(self.path(&a.path)).map_err(io)?;
+                Ok(StepObs {
+                    data: Some(observe::render_bytes(t.as_os_str().as_bytes())),
+                    ..Default::default()
+                })
+            }
+            Op::Mknod(a) => {
+                let kind = match a.kind {
+                    MknodKind::Fifo => SFlag::S_IFIFO,
+                    MknodKind::Chardev => SFlag::S_IFCHR,
+                    MknodKind::Blockdev => SFlag::S_IFBLK,
+                    MknodKind::Socket => SFlag::S_IFSOCK,
+                    MknodKind::File => SFlag::S_IFREG,
+                };
+                let mode = Mode::from_bits_truncate(a.mode.unwrap_or(0o644));
+                let dev = makedev(a.rdev[0] as u64, a.rdev[1] as u64);
+                nix::sys::stat::mknod(&self.path(&a.path), kind, mode, dev)?;
+                ok()
+            }
+            Op::Chmod(a) => {
+                nix::sys::stat::fchmodat(
+                    nix::fcntl::AT_FDCWD,
+                    &self.path(&a.path),
+                    Mode::from_bits_truncate(a.mode),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )?;
+                ok()
+            }
+            Op::Chown(a) => {
+                nix::unistd::chown(
+                    &self.path(&a.path),
+                    a.uid.map(Uid::from_raw),
+                    a.gid.map(Gid::from_raw),
+                )?;
+                ok()
+            }
+            Op::Utimes(a) => {
+                let t = |v: Option<i64>| {
+                    v.map(|s| TimeSpec::new(s, 0))
+                        .unwrap_or(TimeSpec::UTIME_OMIT)
+                };
+                nix::sys::stat::utimensat(
+                    nix::fcntl::AT_FDCWD,
+                    &self.path(&a.path),
+                    &t(a.atime),
+                    &t(a.mtime),
+                    nix::sys::stat::UtimensatFlags::FollowSymlink,
+                )?;
+                ok()
+            }
+            Op::Setxattr(a) => {
+                xattr::set(self.path(&a.path), &a.name, a.value.as_bytes()).map_err(io)?;
+                ok()
+            }
+            Op::Getxattr(a) => match xattr::get(self.path(&a.path), &a.name).map_err(io)? {
+                Some(v) => Ok(StepObs {
+                    data: Some(observe::render_bytes(&v)),
+                    ..Default::default()
+                }),
+                None => Err(Errno::ENODATA),
+            },
+            Op::Listxattr(a) => {
+                let mut names: Vec<String> = xattr::list(self.path(&a.path))
+                    .map_err(io)?
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                Ok(StepObs {
+                    names: Some(names),
+                    ..Default::default()
+                })
+            }
+            Op::Removexattr(a) => {
+                xattr::remove(self.path(&a.path), &a.name).map_err(io)?;
+                ok()
+            }
+            Op::Stat(a) => self.stat(a, true),
+            Op::Lstat(a) => self.stat(a, false),
+            Op::Readdir(a) => self.readdir(a),
+            Op::Statfs(a) => {
+                let st = rustix::fs::statfs(&self.path(&a.path))
+                    .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+                // SAFETY-free view of the two fsid words.
+                let raw: [i32; 2] = unsafe { std::mem::transmute(st.f_fsid) };
+                let class = self
+                    .observer
+                    .fsids
+                    .class((raw[0] as u32 as u64, raw[1] as u32 as u64));
+                if let Some(name) = &a.capture {
+                    self.fsid_captures.insert(name.clone(), class.clone());
+                }
+                Ok(StepObs {
+                    fsid: Some(class),
+                    ..Default::default()
+                })
+            }
+            Op::MountCycle => {
+                self.cycle(|_| Ok(()))?;
+                ok()
+            }
+            Op::DropCaches => {
+                fs::write("/proc/sys/vm/drop_caches", "2").map_err(io)?;
+                ok()
+            }
+            Op::Offline(a) => {
+                let stack = self.stack;
+                let dir = stack
+                    .layer_dir(&a.layer)
+                    .ok_or(Errno::ENOENT)?
+                    .to_path_buf();
+                self.cycle(|_| {
+                    for r in &a.remove {
+                        layers::remove(&dir, r)?;
+                    }
+                    layers::populate(&dir, &a.add, stack.xattr_prefix)
+                })?;
+                ok()
+            }
+        }
+    }
+
+    /// Unmount (closing every named fd), change things, mount again.
+    fn cycle(&mut self, between: impl FnOnce(&Stack) -> io::Result<()>) -> Result<(), Errno> {
+        self.fds.clear();
+        mount::unmount(&self.stack.merged)?;
+        between(self.stack)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
+        match mount::mount_overlay(self.stack, &self.mount_opts) {
+            crate::scenario::Outcome::Ok => {
+                self.note_mounted();
+                Ok(())
+            }
+            crate::scenario::Outcome::Err(name) => Err(Errno::from_raw(
+                errno::from_name(&name).unwrap_or(Errno::EIO as i32),
+            )),
+        }
+    }
+
+    fn stat(&mut self, a: &StatArgs, follow: bool) -> StepResult {
+        let st = match (&a.path, &a.fd) {
+            (Some(p), _) if follow => nix::sys::stat::stat(&self.path(p))?,
+            (Some(p), _) => nix::sys::stat::lstat(&self.path(p))?,
+            (None, Some(fd)) => nix::sys::stat::fstat(self.fd(fd)?)?,
+            (None, None) => return Err(Errno::EINVAL),
+        };
+        let obs = self.observer.stat_obs(&st);
+        if let Some(name) = &a.capture {
+            self.captures.insert(name.clone(), obs.ino.clone());
+        }
+        Ok(StepObs {
+            stat: Some(obs),
+            ..Default::default()
+        })
+    }
+
+    fn readdir(&mut self, a: &ReaddirArgs) -> StepResult {
+        let (entries, dir_path): (Vec<observe::RawEntry>, Option<PathBuf>) = match (&a.fd, &a.path)
+        {
+            (Some(name), _) => {
+                let fd = self.fd(name)?;
+                if a.rewind {
+                    nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekSet)?;
+                }
+                (
+                    observe::read_fd_raw(fd.as_fd())
+                        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(5)))?,
+                    None,
+                )
+            }
+            (None, Some(p)) => {
+                let path = self.path(p);
+                let f = fs::File::open(&path)
+                    .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(5)))?;
+                (
+                    observe::read_fd_raw(&f)
+                        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(5)))?,
+                    Some(path),
+                )
+            }
+            (None, None) => return Err(Errno::EINVAL),
+        };
+        let mut out = BTreeMap::new();
+        for e in entries {
+            // d_ino is compared with lstat of the same name in the same dir.
+            let st = match (&dir_path, &a.fd) {
+                (Some(dir), _) => nix::sys::stat::lstat(&dir.join(&e.name)).ok(),
+                (None, Some(name)) => nix::sys::stat::fstatat(
+                    self.fd(name)?,
+                    e.name.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .ok(),
+                _ => None,
+            };
+            out.insert(
+                e.name,
+                EntryObs {
+                    d_type: e.d_type,
+                    d_ino_matches: st.is_some_and(|st| st.st_ino == e.ino),
+                },
+            );
+        }
+        Ok(StepObs {
+            entries: Some(out),
+            ..Default::default()
+        })
+    }
+}

@@ -1,0 +1,116 @@
+//! One trial, end to end inside its sandbox child: build layers → mount →
+//! run steps → observe. The parent compares and snapshots.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layers;
+use crate::matrix::Matrix;
+use crate::mount;
+use crate::observe::{Observation, Observer};
+use crate::probe;
+use crate::scenario::{self, Outcome, Vocabulary};
+use crate::spec::SpecIds;
+use crate::steps::Ctx;
+
+/// What the parent sends a trial child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrialJob {
+    pub cases_root: PathBuf,
+    pub file: PathBuf,
+    pub set: String,
+    pub userns: bool,
+    pub root: bool,
+}
+
+impl TrialJob {
+    pub fn privilege(&self) -> crate::sandbox::Privilege {
+        use crate::sandbox::Privilege;
+        match (self.root, self.userns) {
+            (true, false) => Privilege::Root,
+            (true, true) => Privilege::UsernsMapped,
+            (false, _) => Privilege::UsernsSelf,
+        }
+    }
+}
+
+/// Runs in the child: the whole trial, returning what was observed.
+pub fn observe_trial(job: TrialJob) -> Result<Observation, String> {
+    let spec_ids = SpecIds::load(&job.cases_root.join("BEHAVIOURS.md"))
+        .map_err(|e| format!("BEHAVIOURS.md: {e}"))?;
+    let matrix = Matrix::load(&job.cases_root.join("matrix.yaml")).map_err(|e| e.to_string())?;
+    let features = probe::feature_names();
+    let vocab = Vocabulary {
+        spec_ids: &spec_ids,
+        matrix: &matrix,
+        features: &features,
+    };
+    let sc = scenario::load(&job.file, &job.cases_root, &vocab).map_err(|e| e.to_string())?;
+    let set = matrix
+        .sets
+        .get(&job.set)
+        .ok_or_else(|| format!("unknown option set {}", job.set))?;
+
+    let stack = layers::build(&sc.spec.layers, sc.spec.fs, set)
+        .map_err(|e| format!("building layers: {e}"))?;
+    let opts = mount::options(&stack, set, &sc.spec.mount);
+    let mut obs = Observation {
+        module_params: mount::module_params(),
+        ..Default::default()
+    };
+    let mounted = mount::mount_overlay(&stack, &opts);
+    obs.mount = mounted.to_string();
+    if mounted != Outcome::Ok {
+        // A refused mount: the layers as left behind are still worth seeing.
+        let mut observer = Observer::new(&stack);
+        if let Some(u) = &stack.upper {
+            obs.upper = observer
+                .layer(u)
+                .map_err(|e| format!("observing upper: {e}"))?;
+        }
+        return Ok(obs);
+    }
+    obs.mount_options = mount::mountinfo_options(&stack.merged).unwrap_or_default();
+
+    let mut ctx = Ctx {
+        stack: &stack,
+        mount_opts: opts,
+        fds: Default::default(),
+        observer: Observer::new(&stack),
+        captures: BTreeMap::new(),
+        fsid_captures: BTreeMap::new(),
+    };
+    ctx.note_mounted();
+    for step in &sc.steps {
+        obs.steps.push(ctx.run(step));
+    }
+    ctx.fds.clear();
+    // A step may have left the overlay unmounted (a failed mount cycle).
+    let still_mounted = mount::mountinfo_options(&stack.merged).is_some();
+    if still_mounted {
+        ctx.note_mounted();
+        obs.merged = ctx
+            .observer
+            .merged(&stack.merged)
+            .map_err(|e| format!("observing merged view: {e}"))?;
+    }
+    if let Some(u) = &stack.upper {
+        obs.upper = ctx
+            .observer
+            .layer(u)
+            .map_err(|e| format!("observing upper: {e}"))?;
+    }
+    if let Some(w) = &stack.work {
+        obs.work = ctx
+            .observer
+            .work(w)
+            .map_err(|e| format!("observing work: {e}"))?;
+    }
+    obs.identities = ctx.captures.clone();
+    for (k, v) in &ctx.fsid_captures {
+        obs.identities.insert(format!("fsid:{k}"), v.clone());
+    }
+    Ok(obs)
+}
