@@ -34,6 +34,11 @@ pub enum ChildJob {
     Probe { root: bool },
 }
 
+enum Prepared {
+    Trial(Box<trial::PreparedTrial>),
+    Probe(bool),
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ChildResult {
     Observed(Box<Observation>),
@@ -46,16 +51,20 @@ pub fn dispatch_child() {
     if let Ok(payload) = std::env::var(sandbox::CHILD_ENV) {
         sandbox::child_main(
             &payload,
-            |job: &ChildJob| match job {
-                ChildJob::Trial(t) => t.privilege(),
-                ChildJob::Probe { root: true } => Privilege::Root,
-                ChildJob::Probe { root: false } => Privilege::UsernsSelf,
-            },
-            |job| match job {
+            |job: ChildJob| match job {
                 ChildJob::Trial(t) => {
-                    trial::observe_trial(t).map(|o| ChildResult::Observed(Box::new(o)))
+                    Ok((t.privilege(), Prepared::Trial(Box::new(trial::prepare(t)?))))
                 }
-                ChildJob::Probe { root } => Ok(ChildResult::Probed(probe::probe_all(root))),
+                ChildJob::Probe { root: true } => Ok((Privilege::Root, Prepared::Probe(true))),
+                ChildJob::Probe { root: false } => {
+                    Ok((Privilege::UsernsSelf, Prepared::Probe(false)))
+                }
+            },
+            |prepared| match prepared {
+                Prepared::Trial(t) => {
+                    trial::observe_trial(*t).map(|o| ChildResult::Observed(Box::new(o)))
+                }
+                Prepared::Probe(root) => Ok(ChildResult::Probed(probe::probe_all(root))),
             },
         );
     }

@@ -115,12 +115,13 @@ pub fn run_child<J: Serialize, T: DeserializeOwned>(
     }
 }
 
-/// Child side: read the job, set up namespaces, run, reply, exit.
-/// Never returns.
-pub fn child_main<J: DeserializeOwned, T: Serialize>(
+/// Child side: read the job, `prepare` it (still seeing the host's files:
+/// the cases may live under /tmp, which the sandbox covers), enter the
+/// namespaces, run `body`, reply, exit. Never returns.
+pub fn child_main<J: DeserializeOwned, S, T: Serialize>(
     payload: &str,
-    privilege: impl FnOnce(&J) -> Privilege,
-    body: impl FnOnce(J) -> Result<T, String>,
+    prepare: impl FnOnce(J) -> Result<(Privilege, S), String>,
+    body: impl FnOnce(S) -> Result<T, String>,
 ) -> ! {
     let reply = (|| {
         let job: J = serde_json::from_str(payload).map_err(|e| format!("bad child job: {e}"))?;
@@ -133,8 +134,9 @@ pub fn child_main<J: DeserializeOwned, T: Serialize>(
                 std::process::exit(1);
             }
         }
-        enter(privilege(&job))?;
-        body(job)
+        let (privilege, state) = prepare(job)?;
+        enter(privilege)?;
+        body(state)
     })();
     let reply = match reply {
         Ok(t) => ChildReply::Done(t),

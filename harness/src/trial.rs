@@ -36,8 +36,14 @@ impl TrialJob {
     }
 }
 
-/// Runs in the child: the whole trial, returning what was observed.
-pub fn observe_trial(job: TrialJob) -> Result<Observation, String> {
+/// A loaded trial, ready to run inside the sandbox.
+pub struct PreparedTrial {
+    scenario: scenario::Scenario,
+    set: crate::matrix::OptionSet,
+}
+
+/// Runs in the child before it enters its namespaces: load what it needs.
+pub fn prepare(job: TrialJob) -> Result<PreparedTrial, String> {
     let spec_ids = SpecIds::load(&job.cases_root.join("BEHAVIOURS.md"))
         .map_err(|e| format!("BEHAVIOURS.md: {e}"))?;
     let matrix = Matrix::load(&job.cases_root.join("matrix.yaml")).map_err(|e| e.to_string())?;
@@ -51,7 +57,14 @@ pub fn observe_trial(job: TrialJob) -> Result<Observation, String> {
     let set = matrix
         .sets
         .get(&job.set)
-        .ok_or_else(|| format!("unknown option set {}", job.set))?;
+        .ok_or_else(|| format!("unknown option set {}", job.set))?
+        .clone();
+    Ok(PreparedTrial { scenario: sc, set })
+}
+
+/// Runs in the child: the whole trial, returning what was observed.
+pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
+    let (sc, set) = (&t.scenario, &t.set);
 
     let stack = layers::build(&sc.spec.layers, sc.spec.fs, set)
         .map_err(|e| format!("building layers: {e}"))?;
