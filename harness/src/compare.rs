@@ -14,6 +14,9 @@ pub struct TrialContext<'a> {
     pub implementation: &'a str,
     pub features: &'a Features,
     pub xattr_prefix: &'a str,
+    /// Upper-layer expectations describe the kernel's on-disk format; other
+    /// implementations have their own, which is snapshotted, not asserted.
+    pub check_upper: bool,
 }
 
 impl TrialContext<'_> {
@@ -43,6 +46,9 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
     let mut out = Vec::new();
     let opts = &obs.mount_options;
     let want = ctx.expected(&sc.mount_expect, &sc.mount_expect_if, opts);
+    if let Some(d) = &obs.daemon {
+        out.push(format!("the FUSE daemon died: {d}"));
+    }
     if want.to_string() != obs.mount {
         out.push(format!("mount: expected {want}, got {}", obs.mount));
         return out;
@@ -88,7 +94,7 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
                 &mut out,
             );
         }
-        if let Some(t) = &b.upper {
+        if let (Some(t), true) = (&b.upper, ctx.check_upper) {
             tree(
                 &format!("{at}: upper"),
                 t,
@@ -146,6 +152,12 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
         for o in &b.mount_options {
             if !opts.contains(o) {
                 out.push(format!("{at}: mountinfo lacks `{o}`: {}", opts.join(",")));
+            }
+        }
+        for (path, want) in &b.work {
+            let have = obs.work.get(path);
+            if have != want.as_ref() {
+                out.push(format!("{at}: work `{path}` expected {want:?}, got {have:?}"));
             }
         }
         for o in &b.not_mount_options {
@@ -383,6 +395,11 @@ fn node_problems(n: &NodeSpec, o: &NodeObs, prefix: &str, on_disk: bool) -> Vec<
     if let Some(l) = n.nlink {
         if o.nlink != Some(l) {
             p.push(format!("nlink expected {l}, got {:?}", o.nlink));
+        }
+    }
+    if let Some(want) = n.d_ino_matches {
+        if o.d_ino_matches != Some(want) {
+            p.push(format!("d_ino == st_ino expected {want}, got {:?}", o.d_ino_matches));
         }
     }
     if let Some(t) = n.mtime {

@@ -5,6 +5,7 @@
 //! filter naturally. A scenario that fails to load becomes a failing trial
 //! `parse/<area>/<file>` naming file:line:column; the others still run.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use serde::{Deserialize, Serialize};
 
 use crate::compare::{self, SnapshotStatus, TrialContext};
+use crate::implementation::{Implementations, Profile};
 use crate::matrix::{Matrix, OptionSet};
 use crate::observe::Observation;
 use crate::probe::{self, Features};
@@ -22,21 +24,18 @@ use crate::scenario::{self, FsKind, Op, Scenario, Vocabulary};
 use crate::spec::SpecIds;
 use crate::trial::{self, TrialJob};
 
-/// The implementation under test. Other backends join this list later.
-pub const KERNEL_IMPL: &str = "kernel";
-
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A job for a sandbox child.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ChildJob {
     Trial(TrialJob),
-    Probe { root: bool },
+    Probe { root: bool, implementations: Vec<probe::ImplementationProbe> },
 }
 
 enum Prepared {
     Trial(Box<trial::PreparedTrial>),
-    Probe(bool),
+    Probe(bool, Vec<probe::ImplementationProbe>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,16 +54,22 @@ pub fn dispatch_child() {
                 ChildJob::Trial(t) => {
                     Ok((t.privilege(), Prepared::Trial(Box::new(trial::prepare(t)?))))
                 }
-                ChildJob::Probe { root: true } => Ok((Privilege::Root, Prepared::Probe(true))),
-                ChildJob::Probe { root: false } => {
-                    Ok((Privilege::UsernsSelf, Prepared::Probe(false)))
-                }
+                ChildJob::Probe { root, implementations } => Ok((
+                    if root { Privilege::Root } else { Privilege::UsernsSelf },
+                    Prepared::Probe(root, implementations),
+                )),
             },
             |prepared| match prepared {
                 Prepared::Trial(t) => {
                     trial::observe_trial(*t).map(|o| ChildResult::Observed(Box::new(o)))
                 }
-                Prepared::Probe(root) => Ok(ChildResult::Probed(probe::probe_all(root))),
+                Prepared::Probe(root, implementations) => {
+                    let mut f = probe::probe_all(root);
+                    if root {
+                        f.implementation_sets = probe::probe_implementations(&implementations);
+                    }
+                    Ok(ChildResult::Probed(f))
+                }
             },
         );
     }
@@ -93,14 +98,15 @@ pub fn kernel_release() -> String {
 }
 
 /// Probe the running kernel once per process, in a sandbox child.
-pub fn features() -> &'static Features {
+pub fn features(implementations: &[probe::ImplementationProbe]) -> &'static Features {
     static F: OnceLock<Features> = OnceLock::new();
     F.get_or_init(|| {
         let root = sandbox::is_root();
-        match sandbox::run_child::<_, ChildResult>(
-            &ChildJob::Probe { root },
-            Duration::from_secs(120),
-        ) {
+        let job = ChildJob::Probe {
+            root,
+            implementations: implementations.to_vec(),
+        };
+        match sandbox::run_child::<_, ChildResult>(&job, Duration::from_secs(120)) {
             Ok(ChildResult::Probed(f)) => f,
             Ok(_) => panic!("probe child answered with something else"),
             Err(e) => {
@@ -235,6 +241,11 @@ pub struct Suite {
     pub release: String,
     pub scenarios: Vec<Scenario>,
     pub load_errors: Vec<scenario::LoadError>,
+    pub implementations: Implementations,
+    /// FUSE implementations whose daemon is installed, and what to probe.
+    pub probes: Vec<probe::ImplementationProbe>,
+    /// Implementation -> why it cannot run here (daemon not installed).
+    pub unavailable: BTreeMap<String, String>,
 }
 
 impl Suite {
@@ -258,7 +269,35 @@ impl Suite {
             }
         }
         let release = kernel_release();
+        let implementations = Implementations::load(&cases.join("implementations.yaml")).map_err(|e| e.to_string())?;
+        let mut probes = Vec::new();
+        let mut unavailable = BTreeMap::new();
+        for (name, profile) in &implementations.implementations {
+            if profile.is_kernel() {
+                continue;
+            }
+            let argv = profile.argv(root);
+            match daemon_version(&argv) {
+                Ok(_) => probes.push(probe::ImplementationProbe {
+                    name: name.clone(),
+                    style: profile.style,
+                    argv,
+                    sets: matrix
+                        .sets
+                        .iter()
+                        .filter(|(_, s)| !s.userns)
+                        .map(|(n, s)| (n.clone(), s.options.clone()))
+                        .collect(),
+                }),
+                Err(why) => {
+                    unavailable.insert(name.clone(), why);
+                }
+            }
+        }
         Ok(Suite {
+            implementations,
+            probes,
+            unavailable,
             root: root.to_path_buf(),
             cases,
             kernel: kernel_label(&release),
@@ -280,6 +319,31 @@ impl Suite {
                 None => true,
             };
             allowed && !sc.spec.skip_option_sets.iter().any(|s| &s.value == *name)
+        })
+    }
+
+    /// `profile/<implementation>`: the option sets a profile claims must be
+    /// exactly those its daemon accepted when probed.
+    fn profile_trial(&self, name: &str, profile: &Profile) -> Trial {
+        let name = name.to_string();
+        let claimed: BTreeSet<String> = profile.option_sets.iter().cloned().collect();
+        let unavailable = self.unavailable.get(&name).cloned();
+        let probes = self.probes.clone();
+        Trial::ignorable_test(format!("profile/{name}"), move || {
+            if let Some(why) = unavailable {
+                return Ok(Completion::ignored_with(why));
+            }
+            let probed = features(&probes).implementation_sets.get(&name).cloned().unwrap_or_default();
+            let accepted: BTreeSet<String> = probed.iter().filter(|(_, r)| r.is_none()).map(|(s, _)| s.clone()).collect();
+            if accepted == claimed {
+                return Ok(Completion::Completed);
+            }
+            let refused: Vec<String> = probed.iter().filter_map(|(s, r)| r.as_ref().map(|r| format!("{s}: {r}"))).collect();
+            Err(format!(
+                "cases/implementations.yaml claims option sets {claimed:?} for {name}, but its daemon accepted {accepted:?}; refused:\n  {}",
+                refused.join("\n  ")
+            )
+            .into())
         })
     }
 
@@ -313,50 +377,43 @@ impl Suite {
             }));
         }
         let root = sandbox::is_root();
-        for sc in &self.scenarios {
-            for (set_name, set) in self.sets_for(sc) {
-                let name = format!(
-                    "{KERNEL_IMPL}/{}/{set_name}/{}/{}",
-                    self.kernel, sc.area, sc.name
-                );
-                let sc = sc.clone();
-                let set = set.clone();
-                let set_name = set_name.clone();
-                let kernel = self.kernel.clone();
-                let cases = self.cases.clone();
-                let results = results.clone();
-                trials.push(Trial::ignorable_test(name.clone(), move || {
-                    let start = Instant::now();
-                    let outcome = run_trial(&sc, &set_name, &set, &kernel, &cases, root);
-                    let (status, reason) = match &outcome {
-                        Ok(Completion::Completed) => (Status::Pass, String::new()),
-                        Ok(Completion::Ignored { reason }) => {
-                            (Status::Skip, reason.clone().unwrap_or_default())
-                        }
-                        Err(f) => (Status::Fail, f.message().unwrap_or("").to_string()),
+        for (impl_name, profile) in &self.implementations.implementations {
+            if !profile.is_kernel() {
+                trials.push(self.profile_trial(impl_name, profile));
+            }
+            for sc in &self.scenarios {
+                for (set_name, set) in self.sets_for(sc) {
+                    let name = format!("{impl_name}/{}/{set_name}/{}/{}", self.kernel, sc.area, sc.name);
+                    let plan = TrialPlan {
+                        sc: sc.clone(),
+                        set: set.clone(),
+                        set_name: set_name.clone(),
+                        implementation: impl_name.clone(),
+                        profile: profile.clone(),
+                        unavailable: self.unavailable.get(impl_name).cloned(),
+                        probes: self.probes.clone(),
+                        kernel: self.kernel.clone(),
+                        cases: self.cases.clone(),
+                        root,
                     };
-                    let note = PENDING_NOTE.with(|n| n.take());
-                    results.lock().expect("results").push(TrialResult {
-                        name,
-                        status,
-                        reason: if reason.is_empty() {
-                            note.unwrap_or_default()
-                        } else {
-                            reason
-                        },
-                        covers: sc.spec.covers.iter().map(|c| c.value.clone()).collect(),
-                        duration_ms: start.elapsed().as_millis() as u64,
-                    });
-                    outcome
-                }));
+                    let results = results.clone();
+                    trials.push(Trial::ignorable_test(name.clone(), move || {
+                        let start = Instant::now();
+                        let (outcome, status, reason) = plan.run();
+                        results.lock().expect("results").push(TrialResult {
+                            name,
+                            status,
+                            reason,
+                            covers: plan.sc.spec.covers.iter().map(|c| c.value.clone()).collect(),
+                            duration_ms: start.elapsed().as_millis() as u64,
+                        });
+                        outcome
+                    }));
+                }
             }
         }
         trials
     }
-}
-
-thread_local! {
-    static PENDING_NOTE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
 }
 
 fn rel_to(p: &Path, root: &Path) -> String {
@@ -368,68 +425,122 @@ pub fn strict() -> bool {
     std::env::var("OVLCONF_STRICT").is_ok_and(|v| v == "1")
 }
 
-fn run_trial(
-    sc: &Scenario,
-    set_name: &str,
-    set: &OptionSet,
-    kernel: &str,
-    cases: &Path,
+/// Everything one trial needs, owned, so it can run on any thread.
+struct TrialPlan {
+    sc: Scenario,
+    set: OptionSet,
+    set_name: String,
+    implementation: String,
+    profile: Profile,
+    unavailable: Option<String>,
+    probes: Vec<probe::ImplementationProbe>,
+    kernel: String,
+    cases: PathBuf,
     root: bool,
-) -> Result<Completion, Failed> {
-    if let Some(why) = static_skip(sc, set, root) {
-        return Ok(Completion::ignored_with(why));
+}
+
+type TrialOutcome = (Result<Completion, Failed>, Status, String);
+
+impl TrialPlan {
+    fn skip(why: String) -> TrialOutcome {
+        (Ok(Completion::ignored_with(why.clone())), Status::Skip, why)
     }
-    let features = features();
-    if let Some(why) = features.unmet(&implied_requirements(sc, set)) {
-        return Ok(Completion::ignored_with(why));
+
+    fn fail(why: String) -> TrialOutcome {
+        (Err(why.clone().into()), Status::Fail, why)
     }
-    let job = ChildJob::Trial(TrialJob {
-        cases_root: cases.to_path_buf(),
-        file: sc.file.clone(),
-        set: set_name.to_string(),
-        userns: set.userns,
-        root,
-    });
-    let timeout = sc
-        .spec
-        .timeout
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TIMEOUT);
-    let obs = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
-        Ok(ChildResult::Observed(o)) => *o,
-        Ok(_) => return Err("trial child answered with something else".into()),
-        Err(e) => return Err(e.into()),
-    };
-    let ctx = TrialContext {
-        set_name,
-        implementation: KERNEL_IMPL,
-        features,
-        xattr_prefix: set.xattr_prefix(),
-    };
-    let problems = compare::check(sc, &obs, &ctx);
-    if !problems.is_empty() {
-        let file = sc.file.display();
-        return Err(format!(
-            "{file}: {} expectation(s) not met:\n  - {}",
-            problems.len(),
-            problems.join("\n  - ")
-        )
-        .into());
+
+    /// `<set>/<area>/<scenario>`: what deviation patterns match against.
+    fn key(&self) -> String {
+        format!("{}/{}/{}", self.set_name, self.sc.area, self.sc.name)
     }
-    let name = compare::snapshot_name(&sc.name, KERNEL_IMPL, kernel, set_name);
-    match compare::snapshot(sc, &name, &obs) {
-        SnapshotStatus::Matched => Ok(Completion::Completed),
-        SnapshotStatus::New if strict() => {
-            Err(format!("no baseline snapshot {name} (strict mode)").into())
+
+    fn run(&self) -> TrialOutcome {
+        let (sc, set) = (&self.sc, &self.set);
+        if let Some(why) = &self.unavailable {
+            return Self::skip(why.clone());
         }
-        SnapshotStatus::New => {
-            PENDING_NOTE.with(|n| n.set(Some(format!("new snapshot {name} pending review"))));
-            Ok(Completion::Completed)
+        if let Some(why) = static_skip(sc, set, self.root) {
+            return Self::skip(why);
         }
-        SnapshotStatus::Differs(d) => {
-            Err(format!("observation differs from the baseline snapshot {name}:\n{d}").into())
+        let features = features(&self.probes);
+        if !self.profile.is_kernel() {
+            if set.userns {
+                return Self::skip("FUSE daemons run only as root in the initial user namespace here".into());
+            }
+            match features.implementation_sets.get(&self.implementation).and_then(|m| m.get(&self.set_name)) {
+                Some(None) => {}
+                Some(Some(why)) => return Self::skip(format!("{} cannot express option set {}: {why}", self.implementation, self.set_name)),
+                None => return Self::skip(format!("{} was not probed (needs root)", self.implementation)),
+            }
+        }
+        if let Some(why) = features.unmet(&implied_requirements(sc, set)) {
+            return Self::skip(why);
+        }
+        let job = ChildJob::Trial(TrialJob {
+            cases_root: self.cases.clone(),
+            file: sc.file.clone(),
+            set: self.set_name.clone(),
+            implementation: self.implementation.clone(),
+            userns: set.userns,
+            root: self.root,
+        });
+        let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or(DEFAULT_TIMEOUT);
+        let obs = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
+            Ok(ChildResult::Observed(o)) => *o,
+            Ok(_) => return Self::fail("trial child answered with something else".into()),
+            Err(e) => return Self::fail(e),
+        };
+        let ctx = TrialContext {
+            set_name: &self.set_name,
+            implementation: &self.implementation,
+            features,
+            xattr_prefix: set.xattr_prefix(),
+            check_upper: self.profile.is_kernel(),
+        };
+        let problems = compare::check(sc, &obs, &ctx);
+        let name = compare::snapshot_name(&sc.name, &self.implementation, &self.kernel, &self.set_name);
+        let mut note = String::new();
+        match compare::snapshot(sc, &name, &obs) {
+            SnapshotStatus::Matched => {}
+            SnapshotStatus::New if strict() => return Self::fail(format!("no baseline snapshot {name} (strict mode)")),
+            SnapshotStatus::New => note = format!("new snapshot {name} pending review"),
+            SnapshotStatus::Differs(d) => {
+                return Self::fail(format!("observation differs from the baseline snapshot {name}:\n{d}"))
+            }
+        }
+        let key = self.key();
+        match problems.first() {
+            None => match self.profile.declared_for(&key) {
+                Some(d) => Self::fail(format!(
+                    "expected deviation no longer occurs (remove it from cases/implementations.yaml): {} — {}",
+                    d.trial, d.reason
+                )),
+                None => (Ok(Completion::Completed), Status::Pass, note),
+            },
+            Some(first) => match self.profile.deviation(&key, first) {
+                Some(d) => {
+                    let why = format!("deviates (expected): {} — first difference: {first}", d.reason);
+                    (Ok(Completion::ignored_with(why.clone())), Status::Deviates, why)
+                }
+                None => {
+                    let file = sc.file.display();
+                    Self::fail(format!("{file}: {} expectation(s) not met:\n  - {}", problems.len(), problems.join("\n  - ")))
+                }
+            },
         }
     }
+}
+
+/// `prog --version`'s first line, or why the daemon is not usable.
+fn daemon_version(argv: &[String]) -> Result<String, String> {
+    let prog = argv.first().ok_or("no command")?;
+    let out = std::process::Command::new(prog)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{prog} is not installed ({e}); run ci/setup"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(text.lines().find(|l| l.contains("version")).unwrap_or("").trim().to_string())
 }
 
 fn read_taint() -> Option<u64> {

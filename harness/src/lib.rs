@@ -9,6 +9,7 @@
 pub mod compare;
 pub mod errno;
 pub mod harness;
+pub mod implementation;
 pub mod layers;
 pub mod matrix;
 pub mod mount;

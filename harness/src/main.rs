@@ -36,12 +36,30 @@ fn main() -> ExitCode {
         }
         Cmd::Check { files } => check(files),
         Cmd::Probe => {
-            let f = ovlconf::harness::features();
+            let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let f = ovlconf::harness::features(&suite.probes);
             for name in &f.present {
                 println!("{name}: yes");
             }
             for (name, why) in &f.missing {
                 println!("{name}: no ({why})");
+            }
+            for (name, why) in &suite.unavailable {
+                println!("implementation {name}: unavailable ({why})");
+            }
+            for (name, sets) in &f.implementation_sets {
+                for (set, r) in sets {
+                    match r {
+                        None => println!("implementation {name}, option set {set}: accepted"),
+                        Some(why) => println!("implementation {name}, option set {set}: refused ({why})"),
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

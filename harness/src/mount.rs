@@ -2,11 +2,16 @@
 //! the kernel reports back in mountinfo and the module parameters.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::errno;
+use crate::implementation::Style;
 use crate::layers::Stack;
 use crate::matrix::OptionSet;
 use crate::scenario::{MountSpec, Outcome};
@@ -58,6 +63,152 @@ fn expand(s: &str, stack: &Stack) -> String {
     }
     out = out.replace("$MERGED", &stack.merged.display().to_string());
     out.replace("$ROOT", &stack.root.display().to_string())
+}
+
+/// How to mount: the kernel, or a FUSE daemon's argv and layer style.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub style: Style,
+    pub argv: Vec<String>,
+}
+
+impl Backend {
+    pub fn kernel() -> Backend {
+        Backend { style: Style::Kernel, argv: vec![] }
+    }
+
+    pub fn mount(&self, stack: &Stack, opts: &str) -> Outcome {
+        match self.style {
+            Style::Kernel => mount_overlay(stack, opts),
+            Style::Overlay => {
+                let mut args = vec!["-o".to_string(), opts.to_string()];
+                args.push(stack.merged.display().to_string());
+                start_daemon(&self.argv, &args, &stack.merged)
+            }
+            Style::Unionfs => {
+                let mut branches: Vec<String> = Vec::new();
+                if let Some(u) = &stack.upper {
+                    branches.push(format!("{}=RW", u.display()));
+                }
+                branches.extend(stack.lowers.iter().map(|l| format!("{}=RO", l.display())));
+                let mut args = Vec::new();
+                // The option set's options go through as they are, so the
+                // daemon itself says whether it can express them.
+                let extra: Vec<&str> = opts.split(',').filter(|o| !o.starts_with("lowerdir=") && !o.starts_with("upperdir=") && !o.starts_with("workdir=")).collect();
+                if !extra.is_empty() && !extra.iter().all(|o| o.is_empty()) {
+                    args.push("-o".to_string());
+                    args.push(extra.join(","));
+                }
+                args.push(branches.join(":"));
+                args.push(stack.merged.display().to_string());
+                start_daemon(&self.argv, &args, &stack.merged)
+            }
+        }
+    }
+
+    pub fn unmount(&self, target: &Path) -> nix::Result<()> {
+        unmount(target)?;
+        if self.style != Style::Kernel {
+            stop_daemon();
+        }
+        Ok(())
+    }
+}
+
+/// The FUSE daemon serving the trial's mount (one at a time).
+static DAEMON: Mutex<Option<Child>> = Mutex::new(None);
+
+const DAEMON_LOG: &str = "/tmp/daemon.log";
+
+/// Start a FUSE daemon in the foreground and wait until its mount appears.
+fn start_daemon(argv: &[String], args: &[String], target: &Path) -> Outcome {
+    let Some((prog, lead)) = argv.split_first() else {
+        return Outcome::Err("no daemon command".into());
+    };
+    let log = match std::fs::File::create(DAEMON_LOG) {
+        Ok(f) => f,
+        Err(e) => return Outcome::Err(format!("daemon log: {e}")),
+    };
+    let mut cmd = Command::new(prog);
+    cmd.args(lead).args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log fd")).stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The daemon dies with the trial, so no daemon outlives it.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Outcome::Err(format!("cannot start {prog}: {e}")),
+    };
+    let start = Instant::now();
+    loop {
+        // A libfuse daemon mounts before it parses its own options, so a
+        // mount can appear and vanish: only a stat answered by a daemon that
+        // is still running counts.
+        if is_fuse_mounted(target) && nix::sys::stat::stat(target).is_ok() && matches!(child.try_wait(), Ok(None)) {
+            *DAEMON.lock().expect("daemon") = Some(child);
+            return Outcome::Ok;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(DAEMON_LOG).unwrap_or_default();
+            let first = text.lines().find(|l| !l.trim().is_empty() && !l.contains("unknown argument ignored")).unwrap_or("");
+            return Outcome::Err(format!("refused ({status}): {}", first.trim()));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Outcome::Err("daemon did not mount within 10s".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// After the unmount the daemon exits by itself; give it a moment, then kill.
+fn stop_daemon() {
+    if let Some(mut child) = DAEMON.lock().expect("daemon").take() {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Options the daemon said it ignored ("unknown argument ignored: X").
+pub fn daemon_ignored_options() -> Vec<String> {
+    std::fs::read_to_string(DAEMON_LOG)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once("ignored: ").map(|(_, o)| o.trim().to_string()))
+        .collect()
+}
+
+/// Whether the daemon is still alive (a crash leaves ENOTCONN behind).
+pub fn daemon_status() -> Option<String> {
+    let mut guard = DAEMON.lock().expect("daemon");
+    let child = guard.as_mut()?;
+    match child.try_wait() {
+        Ok(Some(status)) => Some(format!("daemon exited: {status}")),
+        _ => None,
+    }
+}
+
+fn is_fuse_mounted(target: &Path) -> bool {
+    let want = target.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            t.lines().any(|l| {
+                l.split(' ').nth(4) == Some(want.as_str())
+                    && l.split_once(" - ").is_some_and(|(_, tail)| tail.starts_with("fuse"))
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// mount(2) the overlay at the stack's merged dir.

@@ -37,6 +37,9 @@ pub struct Observation {
     /// The work directory (index entries counted, not named).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub work: BTreeMap<String, String>,
+    /// Set when a FUSE daemon died during the trial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<String>,
     /// Captured identity name -> class.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub identities: BTreeMap<String, String>,
@@ -124,12 +127,12 @@ pub struct EntryObs {
 /// Names equivalence classes of raw values in order of first sight, so the
 /// same relationships always give the same labels.
 #[derive(Debug, Default)]
-pub struct Classes {
+pub struct Classes<K = (u64, u64)> {
     prefix: &'static str,
-    seen: HashMap<(u64, u64), String>,
+    seen: HashMap<K, String>,
 }
 
-impl Classes {
+impl<K: std::hash::Hash + Eq> Classes<K> {
     pub fn new(prefix: &'static str) -> Self {
         Classes {
             prefix,
@@ -137,7 +140,7 @@ impl Classes {
         }
     }
 
-    pub fn class(&mut self, key: (u64, u64)) -> String {
+    pub fn class(&mut self, key: K) -> String {
         let n = self.seen.len() + 1;
         let prefix = self.prefix;
         self.seen
@@ -154,7 +157,7 @@ pub struct Observer {
     /// per-layer pseudo devices, named in order of first sight.
     pub pseudo_devs: Classes,
     pub layer_devs: BTreeMap<String, u64>,
-    pub identities: Classes,
+    pub identities: Classes<(String, u64)>,
     pub fsids: Classes,
     pub started: i64,
 }
@@ -189,6 +192,14 @@ impl Observer {
         }
     }
 
+    /// An object's identity: its device class and inode number. The class,
+    /// not the raw st_dev, because overlay's anonymous devices change from
+    /// mount to mount while what they stand for does not.
+    pub fn identity(&mut self, st: &nix::sys::stat::FileStat) -> String {
+        let dev = self.dev_class(st.st_dev);
+        self.identities.class((dev, st.st_ino))
+    }
+
     pub fn stat_obs(&mut self, st: &nix::sys::stat::FileStat) -> StatObs {
         let kind = kind_of_mode(st.st_mode);
         StatObs {
@@ -200,7 +211,7 @@ impl Observer {
             nlink: st.st_nlink,
             rdev: matches!(kind, "chardev" | "blockdev").then(|| rdev(st.st_rdev)),
             dev: self.dev_class(st.st_dev),
-            ino: self.identities.class((st.st_dev, st.st_ino)),
+            ino: self.identity(st),
         }
     }
 
@@ -224,10 +235,18 @@ impl Observer {
                     format!("{rel}/{}", entry.name)
                 };
                 let path = root.join(&child_rel);
-                let st = nix::sys::stat::lstat(&path)?;
+                // A name readdir lists but lookup refuses (e.g. a redirect
+                // under redirect_dir=nofollow) is itself an observation.
+                let st = match nix::sys::stat::lstat(&path) {
+                    Ok(st) => st,
+                    Err(e) => {
+                        out.insert(child_rel, NodeObs { kind: format!("error {}", crate::errno::name(e as i32)), ..Default::default() });
+                        continue;
+                    }
+                };
                 let mut node = self.node(&path, &st, false)?;
                 node.dev = Some(self.dev_class(st.st_dev));
-                node.ino = Some(self.identities.class((st.st_dev, st.st_ino)));
+                node.ino = Some(self.identity(&st));
                 node.d_ino_matches = Some(entry.ino == st.st_ino);
                 if entry.d_type != node.kind && entry.d_type != "unknown" {
                     node.d_type = Some(entry.d_type.clone());
@@ -472,4 +491,28 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// unionfs-fuse keeps whiteouts as `.unionfs-fuse/<path>_HIDDEN~` files in
+/// the writable branch: show them as whiteouts at their paths.
+pub fn unionfs_upper(upper: BTreeMap<String, NodeObs>) -> BTreeMap<String, NodeObs> {
+    const META: &str = ".unionfs-fuse";
+    let mut out = BTreeMap::new();
+    for (path, node) in upper {
+        if path == META {
+            continue;
+        }
+        match path.strip_prefix(".unionfs-fuse/") {
+            Some(rest) => {
+                if let Some(hidden) = rest.strip_suffix("_HIDDEN~") {
+                    out.insert(hidden.to_string(), NodeObs { kind: "whiteout".into(), uid: node.uid, gid: node.gid, ..Default::default() });
+                }
+                // Directories inside the meta tree only mirror the paths.
+            }
+            None => {
+                out.insert(path, node);
+            }
+        }
+    }
+    out
 }

@@ -47,6 +47,10 @@ pub fn feature_names() -> Vec<&'static str> {
 pub struct Features {
     pub missing: BTreeMap<String, String>,
     pub present: Vec<String>,
+    /// Implementation -> option set -> None if its daemon mounted with that
+    /// set's options, Some(why not) otherwise.
+    #[serde(default)]
+    pub implementation_sets: BTreeMap<String, BTreeMap<String, Option<String>>>,
 }
 
 impl Features {
@@ -65,6 +69,59 @@ impl Features {
             format!("requires {r}: {why}")
         })
     }
+}
+
+/// A FUSE implementation's option sets to try: name, backend, set options.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImplementationProbe {
+    pub name: String,
+    pub style: crate::implementation::Style,
+    pub argv: Vec<String>,
+    pub sets: Vec<(String, Vec<String>)>,
+}
+
+/// Mount each implementation on a tiny stack with each set's options.
+pub fn probe_implementations(list: &[ImplementationProbe]) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+    let mut out = BTreeMap::new();
+    for (i, imp) in list.iter().enumerate() {
+        let backend = crate::mount::Backend { style: imp.style, argv: imp.argv.clone() };
+        let mut sets = BTreeMap::new();
+        for (j, (set, options)) in imp.sets.iter().enumerate() {
+            let dir = Path::new("/tmp/probe/impl").join(format!("{i}-{j}"));
+            let r = scratch(&dir).and_then(|()| {
+                let stack = crate::layers::Stack {
+                    root: dir.clone(),
+                    lowers: vec![dir.join("l")],
+                    upper: Some(dir.join("u")),
+                    work: Some(dir.join("w")),
+                    data: vec![],
+                    merged: dir.join("m"),
+                    devs: Default::default(),
+                    xattr_prefix: "trusted.",
+                };
+                let set = crate::matrix::OptionSet { options: options.clone(), ..Default::default() };
+                let opts = crate::mount::options(&stack, &set, &Default::default());
+                match backend.mount(&stack, &opts) {
+                    crate::scenario::Outcome::Ok => {
+                        let ignored: Vec<String> = crate::mount::daemon_ignored_options()
+                            .into_iter()
+                            .filter(|o| options.contains(o))
+                            .collect();
+                        backend.unmount(&stack.merged).map_err(|e| format!("unmount: {e}"))?;
+                        if ignored.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!("the daemon ignores `{}`", ignored.join(",")))
+                        }
+                    }
+                    crate::scenario::Outcome::Err(e) => Err(format!("mount with `{}` {e}", options.join(","))),
+                }
+            });
+            sets.insert(set.clone(), r.err());
+        }
+        out.insert(imp.name.clone(), sets);
+    }
+    out
 }
 
 /// Runs inside a sandbox child: try each feature.

@@ -10,6 +10,8 @@ pub enum Status {
     Pass,
     Fail,
     Skip,
+    /// Differs from the kernel in a way the implementation's profile declares.
+    Deviates,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +33,7 @@ pub struct Results {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    pub deviating: usize,
 }
 
 impl Results {
@@ -43,6 +46,7 @@ impl Results {
             passed: count(Status::Pass),
             failed: count(Status::Fail),
             skipped: count(Status::Skip),
+            deviating: count(Status::Deviates),
             trials,
         }
     }

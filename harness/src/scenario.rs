@@ -140,6 +140,8 @@ pub struct NodeSpec {
     pub mtime: Option<i64>,
     /// Expectation only.
     pub nlink: Option<u64>,
+    /// Expectation only (merged view): readdir's d_ino equals st_ino.
+    pub d_ino_matches: Option<bool>,
     /// Name -> value. Names starting `overlay.` get the mount's xattr prefix
     /// (`trusted.` or `user.`). In expectations `~` means "must be absent" and
     /// `"<any>"` means "present with any value".
@@ -521,6 +523,10 @@ pub struct FinalSpec {
     pub mount_options: Vec<String>,
     #[serde(default)]
     pub not_mount_options: Vec<String>,
+    /// The work directory: path -> what the observation shows, e.g.
+    /// `index: dir (1 entries)`.
+    #[serde(default)]
+    pub work: BTreeMap<String, Option<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -24,6 +24,7 @@ use crate::scenario::{AsUser, MknodKind, Op, ReaddirArgs, StatArgs, Step};
 /// The state steps share: the stack, named fds, identity classes.
 pub struct Ctx<'a> {
     pub stack: &'a Stack,
+    pub backend: &'a mount::Backend,
     pub mount_opts: String,
     pub fds: HashMap<String, OwnedFd>,
     pub observer: Observer,
@@ -317,10 +318,10 @@ impl Ctx<'_> {
     /// Unmount (closing every named fd), change things, mount again.
     fn cycle(&mut self, between: impl FnOnce(&Stack) -> io::Result<()>) -> Result<(), Errno> {
         self.fds.clear();
-        mount::unmount(&self.stack.merged)?;
+        self.backend.unmount(&self.stack.merged)?;
         between(self.stack)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
-        match mount::mount_overlay(self.stack, &self.mount_opts) {
+        match self.backend.mount(self.stack, &self.mount_opts) {
             crate::scenario::Outcome::Ok => {
                 self.note_mounted();
                 Ok(())

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::implementation::{Implementations, Style};
 use crate::layers;
 use crate::matrix::Matrix;
 use crate::mount;
@@ -21,6 +22,7 @@ pub struct TrialJob {
     pub cases_root: PathBuf,
     pub file: PathBuf,
     pub set: String,
+    pub implementation: String,
     pub userns: bool,
     pub root: bool,
 }
@@ -40,6 +42,21 @@ impl TrialJob {
 pub struct PreparedTrial {
     scenario: scenario::Scenario,
     set: crate::matrix::OptionSet,
+    backend: mount::Backend,
+}
+
+/// The mount backend of an implementation named in cases/implementations.yaml.
+pub fn backend_for(cases_root: &std::path::Path, implementation: &str) -> Result<mount::Backend, String> {
+    let impls = Implementations::load(&cases_root.join("implementations.yaml")).map_err(|e| e.to_string())?;
+    let profile = impls
+        .implementations
+        .get(implementation)
+        .ok_or_else(|| format!("unknown implementation {implementation}"))?;
+    let workspace = cases_root.parent().unwrap_or(cases_root);
+    Ok(mount::Backend {
+        style: profile.style,
+        argv: profile.argv(workspace),
+    })
 }
 
 /// Runs in the child before it enters its namespaces: load what it needs.
@@ -59,21 +76,22 @@ pub fn prepare(job: TrialJob) -> Result<PreparedTrial, String> {
         .get(&job.set)
         .ok_or_else(|| format!("unknown option set {}", job.set))?
         .clone();
-    Ok(PreparedTrial { scenario: sc, set })
+    let backend = backend_for(&job.cases_root, &job.implementation)?;
+    Ok(PreparedTrial { scenario: sc, set, backend })
 }
 
 /// Runs in the child: the whole trial, returning what was observed.
 pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
-    let (sc, set) = (&t.scenario, &t.set);
+    let (sc, set, backend) = (&t.scenario, &t.set, &t.backend);
 
     let stack = layers::build(&sc.spec.layers, sc.spec.fs, set)
         .map_err(|e| format!("building layers: {e}"))?;
     let opts = mount::options(&stack, set, &sc.spec.mount);
     let mut obs = Observation {
-        module_params: mount::module_params(),
+        module_params: if backend.style == Style::Kernel { mount::module_params() } else { Default::default() },
         ..Default::default()
     };
-    let mounted = mount::mount_overlay(&stack, &opts);
+    let mounted = backend.mount(&stack, &opts);
     obs.mount = mounted.to_string();
     if mounted != Outcome::Ok {
         // A refused mount: the layers as left behind are still worth seeing.
@@ -89,6 +107,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
 
     let mut ctx = Ctx {
         stack: &stack,
+        backend,
         mount_opts: opts,
         fds: Default::default(),
         observer: Observer::new(&stack),
@@ -102,7 +121,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
     ctx.fds.clear();
     // A step may have left the overlay unmounted (a failed mount cycle).
     let still_mounted = mount::mountinfo_options(&stack.merged).is_some();
-    if still_mounted {
+    if still_mounted && mount::daemon_status().is_none() {
         ctx.note_mounted();
         obs.merged = ctx
             .observer
