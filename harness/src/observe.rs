@@ -477,7 +477,13 @@ pub fn render_bytes(b: &[u8]) -> String {
 /// All xattrs of a path (not following symlinks), values rendered.
 pub fn xattrs(path: &Path) -> io::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    for name in xattr::list(path)? {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        // No xattr support at all (unionfs-fuse): nothing to list.
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for name in names {
         let n = name.to_string_lossy().into_owned();
         if let Some(v) = xattr::get(path, &name)? {
             out.insert(n, render_bytes(&v));

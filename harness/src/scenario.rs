@@ -142,6 +142,8 @@ pub struct NodeSpec {
     pub nlink: Option<u64>,
     /// Expectation only (merged view): readdir's d_ino equals st_ino.
     pub d_ino_matches: Option<bool>,
+    /// Expectation only: the file has fewer blocks than its size needs.
+    pub sparse: Option<bool>,
     /// Name -> value. Names starting `overlay.` get the mount's xattr prefix
     /// (`trusted.` or `user.`). In expectations `~` means "must be absent" and
     /// `"<any>"` means "present with any value".
@@ -398,6 +400,10 @@ pub struct UtimesArgs {
     pub path: String,
     pub atime: Option<i64>,
     pub mtime: Option<i64>,
+    /// Set both times to the current time (utimes(NULL)); this needs only
+    /// write permission, where explicit times need ownership.
+    #[serde(default)]
+    pub now: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

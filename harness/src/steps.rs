@@ -231,9 +231,10 @@ impl Ctx<'_> {
                 ok()
             }
             Op::Utimes(a) => {
-                let t = |v: Option<i64>| {
-                    v.map(|s| TimeSpec::new(s, 0))
-                        .unwrap_or(TimeSpec::UTIME_OMIT)
+                let t = |v: Option<i64>| match (a.now, v) {
+                    (true, _) => TimeSpec::UTIME_NOW,
+                    (false, Some(s)) => TimeSpec::new(s, 0),
+                    (false, None) => TimeSpec::UTIME_OMIT,
                 };
                 nix::sys::stat::utimensat(
                     nix::fcntl::AT_FDCWD,
