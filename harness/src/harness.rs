@@ -24,7 +24,12 @@ use crate::scenario::{self, FsKind, Op, Scenario, Vocabulary};
 use crate::spec::SpecIds;
 use crate::trial::{self, TrialJob};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per-trial timeout unless the scenario sets one: `$OVLCONF_TIMEOUT`
+/// seconds, else 60.
+fn default_timeout() -> Duration {
+    let secs = std::env::var("OVLCONF_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    Duration::from_secs(secs)
+}
 
 /// A job for a sandbox child.
 #[derive(Debug, Serialize, Deserialize)]
@@ -227,9 +232,25 @@ fn implied_requirements(sc: &Scenario, set: &OptionSet) -> Vec<String> {
     }
     if set.userns {
         r.push("userns_overlay".into());
+    }
+    if sc.spec.fs == FsKind::Tmpfs && (set.userns || uses_user_xattrs(sc)) {
+        // Overlay keeps its own xattrs in user.* under userxattr, and tmpfs
+        // has user.* xattrs only on newer kernels.
         r.push("tmpfs_user_xattr".into());
     }
     r
+}
+
+/// Whether a scenario puts or sets user.* xattrs on its layers.
+fn uses_user_xattrs(sc: &Scenario) -> bool {
+    let trees = sc.spec.layers.lower.iter().chain(&sc.spec.layers.upper).chain(&sc.spec.layers.data);
+    let in_layers = trees.flat_map(|t| t.values()).any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user.")));
+    let in_steps = sc.steps.iter().any(|s| match &s.op {
+        Op::Setxattr(a) => a.name.starts_with("user."),
+        Op::Offline(a) => a.add.values().any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user."))),
+        _ => false,
+    });
+    in_layers || in_steps
 }
 
 /// Everything a run needs to build its trials.
@@ -485,7 +506,7 @@ impl TrialPlan {
             userns: set.userns,
             root: self.root,
         });
-        let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or(DEFAULT_TIMEOUT);
+let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_timeout);
         let obs = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
             Ok(ChildResult::Observed(o)) => *o,
             Ok(_) => return Self::fail("trial child answered with something else".into()),

@@ -23,6 +23,12 @@ enum Cmd {
     Check { files: Vec<PathBuf> },
     /// Probe the running kernel's features and print them.
     Probe,
+    /// Run every trial (or read a results file) and write reports/.
+    Report {
+        /// Use this results file instead of running the suite.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +41,7 @@ fn main() -> ExitCode {
             ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(argv))
         }
         Cmd::Check { files } => check(files),
+        Cmd::Report { from } => report(from),
         Cmd::Probe => {
             let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
                 Ok(s) => s,
@@ -90,5 +97,38 @@ fn check(files: Vec<PathBuf>) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn report(from: Option<PathBuf>) -> ExitCode {
+    let root = ovlconf::harness::workspace_root();
+    let path = match from {
+        Some(p) => p,
+        None => {
+            let code = ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(["ovlconf report"]));
+            if code != ExitCode::SUCCESS {
+                eprintln!("ovlconf: the run failed; writing the reports anyway");
+            }
+            ovlconf::report::results_path(&root)
+        }
+    };
+    let results: ovlconf::report::Results = match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ovlconf: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match ovlconf::report::write_markdown(&results, &root.join("reports")) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ovlconf: writing reports: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! Faults from outside a trial: a FUSE daemon killed or stopped mid-trial,
+//! and a whole run killed with SIGKILL. Each must end in a clean, bounded
+//! failure with nothing left mounted or running.
+//!
+//! These run the real suite binary as root; as a plain user they are skipped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// These tests signal processes by name and count loop devices: they must
+/// not overlap one another.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn have(prog: &str) -> bool {
+    Command::new(prog).arg("--version").output().is_ok()
+}
+
+fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ovlconf"));
+    cmd.args(["run", "--", "--test-threads", "2", filter])
+        .env("CI", "true")
+        .env("INSTA_UPDATE", "no")
+        .env("OVLCONF_RESULTS", std::env::temp_dir().join(format!("ovlconf-faults-{}.json", std::process::id())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn ovlconf")
+}
+
+/// Pids of processes whose command line contains `needle`, other than us.
+fn pids_of(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn signal_all(needle: &str, sig: nix::sys::signal::Signal) -> usize {
+    let pids = pids_of(needle);
+    for p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
+    pids.len()
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            use std::io::Read;
+            child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+            return out;
+        }
+        assert!(start.elapsed() < limit, "the run did not end within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_clean() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains("/tmp/ovlconf"), "a trial mount is visible in the host namespace");
+    // Give the kernel a moment to reap what a killed namespace held.
+    let start = Instant::now();
+    while !pids_of("fuse-overlayfs -f").is_empty() || !pids_of("OVLCONF_CHILD").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "daemons or trial children left running: {:?}", pids_of("fuse-overlayfs -f"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fuse_daemon_killed_mid_trial_fails_cleanly() {
+    let _serial = serial();
+    if !root() || !have("fuse-overlayfs") {
+        eprintln!("skipped: needs root and fuse-overlayfs");
+        return;
+    }
+    let mut run = suite("fuse-overlayfs/", &[]);
+    // Kill every daemon as soon as it appears, for a few seconds.
+    let start = Instant::now();
+    let mut killed = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        killed += signal_all("fuse-overlayfs -f", nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = wait_bounded(&mut run, Duration::from_secs(300));
+    assert!(killed > 0, "no daemon was ever seen");
+    assert!(out.contains("FAILED"), "killing daemons failed no trial:\n{out}");
+    assert_clean();
+}
+
+#[test]
+fn stopped_fuse_daemon_is_a_timeout_and_the_run_goes_on() {
+    let _serial = serial();
+    if !root() || !have("fuse-overlayfs") {
+        eprintln!("skipped: needs root and fuse-overlayfs");
+        return;
+    }
+    let mut run = suite("fuse-overlayfs/6.", &[("OVLCONF_TIMEOUT", "3")]);
+    let start = Instant::now();
+    let mut stopped = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        stopped += signal_all("fuse-overlayfs -f", nix::sys::signal::Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = wait_bounded(&mut run, Duration::from_secs(600));
+    assert!(stopped > 0, "no daemon was ever seen");
+    assert!(out.contains("timed out after 3s"), "no trial reported a timeout:\n{out}");
+    // Trials after the stopped ones still ran and passed.
+    assert!(out.lines().any(|l| l.ends_with(" ok")), "nothing passed after the hang:\n{out}");
+    assert_clean();
+}
+
+#[test]
+fn killing_runs_repeatedly_leaves_nothing_behind() {
+    let _serial = serial();
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let rounds: u32 = std::env::var("OVLCONF_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let loops_before = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
+    for i in 0..rounds {
+        let mut run = suite("/default/", &[]);
+        // A different moment each round: 50 to 750 ms into the run.
+        std::thread::sleep(Duration::from_millis(50 + (i as u64 * 137) % 700));
+        run.kill().unwrap();
+        run.wait().unwrap();
+        assert_clean();
+    }
+    let loops_after = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
+    assert_eq!(loops_before, loops_after, "loop devices were left attached");
+}
