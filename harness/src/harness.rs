@@ -489,6 +489,9 @@ impl TrialPlan {
             if set.userns {
                 return Self::skip("FUSE daemons run only as root in the initial user namespace here".into());
             }
+            if sc.spec.mount.api == crate::scenario::MountApi::Fsopen {
+                return Self::skip("the scenario mounts through the kernel's new mount API".into());
+            }
             match features.implementation_sets.get(&self.implementation).and_then(|m| m.get(&self.set_name)) {
                 Some(None) => {}
                 Some(Some(why)) => return Self::skip(format!("{} cannot express option set {}: {why}", self.implementation, self.set_name)),

@@ -23,6 +23,8 @@ enum Cmd {
     Check { files: Vec<PathBuf> },
     /// Probe the running kernel's features and print them.
     Probe,
+    /// Write reports/coverage.md from the last host run and the VM runs.
+    Coverage,
     /// Run every trial (or read a results file) and write reports/.
     Report {
         /// Use this results file instead of running the suite.
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         }
         Cmd::Check { files } => check(files),
         Cmd::Report { from } => report(from),
+        Cmd::Coverage => coverage(),
         Cmd::Probe => {
             let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
                 Ok(s) => s,
@@ -131,4 +134,54 @@ fn report(from: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads target/ovlconf/results.json and target/vm/*/results.json.
+fn coverage() -> ExitCode {
+    let root = ovlconf::harness::workspace_root();
+    let suite = match ovlconf::harness::Suite::load(&root) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut files = vec![ovlconf::report::results_path(&root)];
+    if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
+        let mut vm: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("results.json")).filter(|p| p.exists()).collect();
+        vm.sort();
+        files.extend(vm);
+    }
+    let mut runs: Vec<ovlconf::report::Results> = Vec::new();
+    for f in &files {
+        match std::fs::read(f).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            Ok(r) => runs.push(r),
+            Err(e) => eprintln!("skipping {}: {e}", f.display()),
+        }
+    }
+    // Newest run per kernel wins.
+    runs.dedup_by(|a, b| a.kernel == b.kernel);
+    let spec = match ovlconf::spec::SpecIds::load(&suite.cases.join("BEHAVIOURS.md")) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let unsupported = match ovlconf::coverage::load_unsupported(&suite.cases.join("unsupported.yaml")) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let features = ovlconf::harness::features(&suite.probes);
+    let md = ovlconf::coverage::render(&spec, &suite.scenarios, &runs, &unsupported, &features.missing);
+    let out = root.join("reports/coverage.md");
+    if let Err(e) = std::fs::create_dir_all(root.join("reports")).and_then(|()| std::fs::write(&out, md)) {
+        eprintln!("{}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {}", out.display());
+    ExitCode::SUCCESS
 }

@@ -46,7 +46,7 @@ pub fn options(stack: &Stack, set: &OptionSet, spec: &MountSpec) -> String {
 }
 
 /// `$LOWER0`, `$UPPER`, `$WORK`, `$DATA0`, `$MERGED`, `$ROOT` -> paths.
-fn expand(s: &str, stack: &Stack) -> String {
+pub fn expand(s: &str, stack: &Stack) -> String {
     let mut out = s.to_string();
     // Longest names first so `$LOWER10` is not read as `$LOWER1` + `0`.
     for (i, p) in stack.lowers.iter().enumerate().rev() {
@@ -70,16 +70,25 @@ fn expand(s: &str, stack: &Stack) -> String {
 pub struct Backend {
     pub style: Style,
     pub argv: Vec<String>,
+    /// Kernel only: mount through fsopen with these fsconfig calls.
+    pub fsopen_params: Option<Vec<String>>,
 }
 
 impl Backend {
     pub fn kernel() -> Backend {
-        Backend { style: Style::Kernel, argv: vec![] }
+        Backend {
+            style: Style::Kernel,
+            argv: vec![],
+            fsopen_params: None,
+        }
     }
 
     pub fn mount(&self, stack: &Stack, opts: &str) -> Outcome {
         match self.style {
-            Style::Kernel => mount_overlay(stack, opts),
+            Style::Kernel => match &self.fsopen_params {
+                Some(params) => mount_fsopen(stack, params),
+                None => mount_overlay(stack, opts),
+            },
             Style::Overlay => {
                 let mut args = vec!["-o".to_string(), opts.to_string()];
                 args.push(stack.merged.display().to_string());
@@ -260,4 +269,93 @@ pub fn module_params() -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Messages the kernel left in the fs_context log of the last fsopen mount.
+static MOUNT_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+pub fn take_mount_log() -> Vec<String> {
+    std::mem::take(&mut *MOUNT_LOG.lock().expect("mount log"))
+}
+
+/// The fsconfig calls for an option string: one per option.
+pub fn params_of(opts: &str) -> Vec<String> {
+    opts.split(',').filter(|o| !o.is_empty()).map(|o| o.to_string()).collect()
+}
+
+/// fsopen("overlay"), one fsconfig call per parameter, create, fsmount,
+/// move_mount onto the merged dir. The errno is that of the first call that
+/// failed; the fs_context log is kept for the observation.
+pub fn mount_fsopen(stack: &Stack, params: &[String]) -> Outcome {
+    use rustix::mount::{fsconfig_create, fsconfig_set_fd, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount};
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let err = |e: rustix::io::Errno| Outcome::Err(crate::errno::name(e.raw_os_error()));
+    let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fd) => fd,
+        Err(e) => return err(e),
+    };
+    let result = (|| {
+        for p in params {
+            let p = expand(p, stack);
+            match p.split_once('=') {
+                Some((key, value)) => match value.strip_prefix("fd:") {
+                    Some(path) => {
+                        let fd = rustix::fs::open(path, rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+                        fsconfig_set_fd(&fs, key, &fd)?
+                    }
+                    None => fsconfig_set_string(&fs, key, value)?,
+                },
+                None => fsconfig_set_flag(&fs, p.as_str())?,
+            }
+        }
+        fsconfig_create(&fs)?;
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+        move_mount(&mnt, "", rustix::fs::CWD, &stack.merged, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+    })();
+    *MOUNT_LOG.lock().expect("mount log") = read_fs_log(&fs);
+    match result {
+        Ok(()) => Outcome::Ok,
+        Err(e) => err(e),
+    }
+}
+
+/// Drain the fs_context log: each read returns one message, "e overlay: …".
+pub fn read_fs_log(fs: &impl std::os::fd::AsFd) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = rustix::io::read(fs, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    out
+}
+
+/// Reconfigure the live mount. mount(2) MS_REMOUNT, or fspick + fsconfig +
+/// FSCONFIG_CMD_RECONFIGURE; the fs_context log is kept.
+pub fn remount(target: &Path, options: &[String], api: crate::scenario::MountApi) -> Result<(), nix::errno::Errno> {
+    use crate::scenario::MountApi;
+    match api {
+        MountApi::Mount => {
+            let data = options.join(",");
+            mount(None::<&str>, target, None::<&str>, MsFlags::MS_REMOUNT, Some(data.as_str()))
+        }
+        MountApi::Fsopen => {
+            use rustix::mount::{fsconfig_reconfigure, fsconfig_set_flag, fsconfig_set_string, fspick, FsPickFlags};
+            let e = |e: rustix::io::Errno| nix::errno::Errno::from_raw(e.raw_os_error());
+            let fs = fspick(rustix::fs::CWD, target, FsPickFlags::FSPICK_CLOEXEC).map_err(e)?;
+            let r = (|| {
+                for o in options {
+                    match o.split_once('=') {
+                        Some((k, v)) => fsconfig_set_string(&fs, k, v)?,
+                        None => fsconfig_set_flag(&fs, o.as_str())?,
+                    }
+                }
+                fsconfig_reconfigure(&fs)
+            })();
+            MOUNT_LOG.lock().expect("mount log").extend(read_fs_log(&fs));
+            r.map_err(e)
+        }
+    }
 }

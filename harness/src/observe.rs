@@ -21,6 +21,9 @@ use crate::layers::Stack;
 pub struct Observation {
     /// `ok` or the errno of the (first) mount.
     pub mount: String,
+    /// What the kernel wrote to the fs_context log (new mount API only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_log: Vec<String>,
     /// Effective super options from /proc/self/mountinfo, kernel order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_options: Vec<String>,

@@ -33,6 +33,22 @@ pub const FEATURES: &[(&str, &str)] = &[
     ("new_mount_api", "fsopen(\"overlay\")"),
     ("lowerdir_append", "fsconfig lowerdir+"),
     ("uuid_null", "the uuid=null mount option"),
+    (
+        "uuid_auto",
+        "the uuid=auto mount option (uuid=auto is then the default, so mountinfo lists the resolved uuid=on)",
+    ),
+    (
+        "fsync_option",
+        "the fsync=auto|strict|volatile mount option (mountinfo shows `volatile` as fsync=volatile)",
+    ),
+    (
+        "mountinfo_shows_implied_redirect_dir",
+        "mountinfo of a metacopy=on mount lists the redirect_dir=on that metacopy=on implies",
+    ),
+    (
+        "overlay_xattr_escapes",
+        "setxattr of trusted.overlay.X through the overlay is accepted and stored escaped as trusted.overlay.overlay.X",
+    ),
     ("fs_ext4", "mkfs.ext4 and a loop-mounted ext4"),
     ("fs_xfs", "mkfs.xfs and a loop-mounted xfs"),
     ("fs_btrfs", "mkfs.btrfs and a loop-mounted btrfs"),
@@ -84,7 +100,7 @@ pub struct ImplementationProbe {
 pub fn probe_implementations(list: &[ImplementationProbe]) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
     let mut out = BTreeMap::new();
     for (i, imp) in list.iter().enumerate() {
-        let backend = crate::mount::Backend { style: imp.style, argv: imp.argv.clone() };
+        let backend = crate::mount::Backend { style: imp.style, argv: imp.argv.clone(), fsopen_params: None };
         let mut sets = BTreeMap::new();
         for (j, (set, options)) in imp.sets.iter().enumerate() {
             let dir = Path::new("/tmp/probe/impl").join(format!("{i}-{j}"));
@@ -158,6 +174,28 @@ pub fn probe_all(root: bool) -> Features {
                 &base.join("uuid"),
                 "lowerdir=$L,upperdir=$U,workdir=$W,uuid=null",
             ),
+        ),
+        (
+            "uuid_auto",
+            probe_overlay(
+                &base.join("uuida"),
+                "lowerdir=$L,upperdir=$U,workdir=$W,uuid=auto",
+            ),
+        ),
+        (
+            "fsync_option",
+            probe_overlay(
+                &base.join("fsync"),
+                "lowerdir=$L,upperdir=$U,workdir=$W,fsync=strict",
+            ),
+        ),
+        (
+            "mountinfo_shows_implied_redirect_dir",
+            probe_implied_redirect_dir(&base.join("mcrd")),
+        ),
+        (
+            "overlay_xattr_escapes",
+            probe_overlay_xattr_escapes(&base.join("esc"), root),
         ),
         (
             "fs_ext4",
@@ -255,6 +293,53 @@ fn probe_xattr_whiteout(dir: &Path, root: bool) -> Result<(), String> {
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
         Ok(_) => Err("the xattr whiteout is visible as a file".into()),
         Err(e) => Err(errtext("lookup", e)),
+    }
+}
+
+/// Mount with metacopy=on alone and read back what mountinfo lists.
+fn probe_implied_redirect_dir(dir: &Path) -> Result<(), String> {
+    scratch(dir)?;
+    probe_overlay_mounted(dir, "lowerdir=$L,upperdir=$U,workdir=$W,metacopy=on")?;
+    let opts = crate::mount::mountinfo_options(&dir.join("m"))
+        .ok_or_else(|| "the metacopy=on mount is not in mountinfo".to_string())?;
+    if !opts.iter().any(|o| o == "metacopy=on") {
+        return Err(format!("mountinfo lacks metacopy=on: {}", opts.join(",")));
+    }
+    if opts.iter().any(|o| o == "redirect_dir=on") {
+        Ok(())
+    } else {
+        Err(format!(
+            "mountinfo of a metacopy=on mount lists no redirect_dir=on: {}",
+            opts.iter()
+                .filter(|o| !o.contains('/'))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+    }
+}
+
+/// Set trusted.overlay.probe on a lower file through the overlay; the
+/// upper copy must then carry it as trusted.overlay.overlay.probe.
+fn probe_overlay_xattr_escapes(dir: &Path, root: bool) -> Result<(), String> {
+    if !root {
+        return Err("needs trusted.* xattrs (root) to try it".into());
+    }
+    scratch(dir)?;
+    fs::write(dir.join("l/f"), "").map_err(|e| errtext("create", e))?;
+    probe_overlay_mounted(dir, "lowerdir=$L,upperdir=$U,workdir=$W")?;
+    xattr::set(dir.join("m/f"), "trusted.overlay.probe", b"1").map_err(|e| {
+        format!(
+            "setxattr trusted.overlay.probe through the overlay: {}",
+            crate::errno::of_io(&e)
+        )
+    })?;
+    match xattr::get(dir.join("u/f"), "trusted.overlay.overlay.probe") {
+        Ok(Some(v)) if v == b"1" => Ok(()),
+        Ok(v) => Err(format!(
+            "the upper copy has trusted.overlay.overlay.probe = {v:?}, not \"1\""
+        )),
+        Err(e) => Err(errtext("getxattr on the upper copy", e)),
     }
 }
 

@@ -194,6 +194,23 @@ pub struct MountSpec {
     pub expect: Option<Spanned<String>>,
     #[serde(default)]
     pub expect_if: Vec<CondOutcomeSpec>,
+    /// `mount` (mount(2), the default) or `fsopen` (fsopen, fsconfig,
+    /// fsmount, move_mount).
+    #[serde(default)]
+    pub api: MountApi,
+    /// fsopen only: the fsconfig calls in order, `key=value` or a bare flag
+    /// `key`; `key=fd:PATH` passes PATH as an O_PATH fd (fsconfig_set_fd).
+    /// Without it, each option of the option string is one call.
+    #[serde(default)]
+    pub params: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountApi {
+    #[default]
+    Mount,
+    Fsopen,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +275,9 @@ pub struct StepSpec {
     pub drop_caches: Option<bool>,
     /// Unmount, change a layer on disk, mount again.
     pub offline: Option<OfflineArgs>,
+    /// Change options of the live mount: mount(2) MS_REMOUNT or fspick +
+    /// FSCONFIG_CMD_RECONFIGURE.
+    pub remount: Option<RemountArgs>,
 
     /// Run the operation as this user (a forked child with all ids set).
     #[serde(rename = "as")]
@@ -501,6 +521,15 @@ pub struct OfflineArgs {
     pub remove: Vec<String>,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RemountArgs {
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub api: MountApi,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AsUser {
@@ -529,6 +558,9 @@ pub struct FinalSpec {
     pub mount_options: Vec<String>,
     #[serde(default)]
     pub not_mount_options: Vec<String>,
+    /// Pieces of text the fs_context log must contain (fsopen mounts).
+    #[serde(default)]
+    pub mount_log: Vec<String>,
     /// The work directory: path -> what the observation shows, e.g.
     /// `index: dir (1 entries)`.
     #[serde(default)]
@@ -631,6 +663,7 @@ pub enum Op {
     MountCycle,
     DropCaches,
     Offline(OfflineArgs),
+    Remount(RemountArgs),
 }
 
 impl Op {
@@ -673,6 +706,7 @@ impl Op {
             Op::MountCycle => "mount cycle".into(),
             Op::DropCaches => "drop caches".into(),
             Op::Offline(a) => format!("offline change to {}", a.layer),
+            Op::Remount(a) => format!("remount ({:?}) {}", a.api, a.options.join(",")).to_lowercase(),
         }
     }
 }
@@ -1033,6 +1067,7 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
         take!(readdir, Op::Readdir);
         take!(statfs, Op::Statfs);
         take!(offline, Op::Offline);
+        take!(remount, Op::Remount);
         if st.mount_cycle == Some(true) {
             ops.push(Op::MountCycle);
         }

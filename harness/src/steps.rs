@@ -295,6 +295,10 @@ impl Ctx<'_> {
                 self.cycle(|_| Ok(()))?;
                 ok()
             }
+            Op::Remount(a) => {
+                mount::remount(&self.stack.merged, &a.options, a.api)?;
+                ok()
+            }
             Op::DropCaches => {
                 fs::write("/proc/sys/vm/drop_caches", "2").map_err(io)?;
                 ok()

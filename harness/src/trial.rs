@@ -56,6 +56,7 @@ pub fn backend_for(cases_root: &std::path::Path, implementation: &str) -> Result
     Ok(mount::Backend {
         style: profile.style,
         argv: profile.argv(workspace),
+        fsopen_params: None,
     })
 }
 
@@ -87,12 +88,25 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
     let stack = layers::build(&sc.spec.layers, sc.spec.fs, set)
         .map_err(|e| format!("building layers: {e}"))?;
     let opts = mount::options(&stack, set, &sc.spec.mount);
+    let mut backend = backend.clone();
+    if sc.spec.mount.api == crate::scenario::MountApi::Fsopen {
+        let mut params = match &sc.spec.mount.params {
+            Some(p) => p.clone(),
+            None => mount::params_of(&opts),
+        };
+        if sc.spec.mount.params.is_some() {
+            params.extend(set.options.iter().cloned());
+        }
+        backend.fsopen_params = Some(params);
+    }
+    let backend = &backend;
     let mut obs = Observation {
         module_params: if backend.style == Style::Kernel { mount::module_params() } else { Default::default() },
         ..Default::default()
     };
     let mounted = backend.mount(&stack, &opts);
     obs.mount = mounted.to_string();
+    obs.mount_log = mount::take_mount_log();
     if mounted != Outcome::Ok {
         // A refused mount: the layers as left behind are still worth seeing.
         let mut observer = Observer::new(&stack);

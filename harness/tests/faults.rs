@@ -23,7 +23,31 @@ fn have(prog: &str) -> bool {
     Command::new(prog).arg("--version").output().is_ok()
 }
 
-fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Child {
+/// A running suite whose stdout is drained as it comes (a full pipe would
+/// stall it) into a buffer the test can watch.
+struct Run {
+    child: Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Run {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait until a line of output ends with `suffix` (a trial finished).
+    fn wait_for_line_ending(&self, suffix: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.out.lock().unwrap().lines().any(|l| l.ends_with(suffix)) {
+            assert!(start.elapsed() < limit, "no line ending in {suffix:?} within {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ovlconf"));
     cmd.args(["run", "--", "--test-threads", "2", filter])
         .env("CI", "true")
@@ -34,7 +58,19 @@ fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Child {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("spawn ovlconf")
+    let mut child = cmd.spawn().expect("spawn ovlconf");
+    let stdout = child.stdout.take().expect("piped");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    Run { child, out, reader: Some(reader) }
 }
 
 /// Pids of processes whose command line contains `needle`, other than us.
@@ -61,14 +97,14 @@ fn signal_all(needle: &str, sig: nix::sys::signal::Signal) -> usize {
     pids.len()
 }
 
-fn wait_bounded(child: &mut Child, limit: Duration) -> String {
+fn wait_bounded(run: &mut Run, limit: Duration) -> String {
     let start = Instant::now();
     loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            let mut out = String::new();
-            use std::io::Read;
-            child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-            return out;
+        if run.child.try_wait().unwrap().is_some() {
+            if let Some(r) = run.reader.take() {
+                let _ = r.join();
+            }
+            return run.out.lock().unwrap().clone();
         }
         assert!(start.elapsed() < limit, "the run did not end within {limit:?}");
         std::thread::sleep(Duration::from_millis(20));
@@ -94,7 +130,9 @@ fn fuse_daemon_killed_mid_trial_fails_cleanly() {
         return;
     }
     let mut run = suite("fuse-overlayfs/", &[]);
-    // Kill every daemon as soon as it appears, for a few seconds.
+    // Once trials run (the probe is done), kill every daemon as soon as it
+    // appears, for a few seconds.
+    run.wait_for_line_ending(" ok", Duration::from_secs(120));
     let start = Instant::now();
     let mut killed = 0;
     while start.elapsed() < Duration::from_secs(4) {
@@ -115,6 +153,7 @@ fn stopped_fuse_daemon_is_a_timeout_and_the_run_goes_on() {
         return;
     }
     let mut run = suite("fuse-overlayfs/6.", &[("OVLCONF_TIMEOUT", "3")]);
+    run.wait_for_line_ending(" ok", Duration::from_secs(120));
     let start = Instant::now();
     let mut stopped = 0;
     while start.elapsed() < Duration::from_secs(2) {
@@ -142,8 +181,7 @@ fn killing_runs_repeatedly_leaves_nothing_behind() {
         let mut run = suite("/default/", &[]);
         // A different moment each round: 50 to 750 ms into the run.
         std::thread::sleep(Duration::from_millis(50 + (i as u64 * 137) % 700));
-        run.kill().unwrap();
-        run.wait().unwrap();
+        run.kill();
         assert_clean();
     }
     let loops_after = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
