@@ -145,3 +145,38 @@ pub fn write_markdown(results: &Results, dir: &Path) -> std::io::Result<Vec<Path
     }
     Ok(written)
 }
+
+/// The same results as JUnit XML, for CI dashboards: one test suite per
+/// implementation, deviations reported as skipped with their reason.
+pub fn write_junit(results: &Results, path: &Path) -> std::io::Result<()> {
+    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+    use std::collections::BTreeMap;
+    let mut suites: BTreeMap<String, TestSuite> = BTreeMap::new();
+    for t in &results.trials {
+        let suite_name = t.name.split('/').next().unwrap_or("ovlconf").to_string();
+        let mut status = match t.status {
+            Status::Pass => TestCaseStatus::success(),
+            Status::Fail => {
+                let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                s.set_description(t.reason.clone());
+                s.set_message(t.reason.lines().next().unwrap_or("").to_string());
+                s
+            }
+            Status::Skip | Status::Deviates => {
+                let mut s = TestCaseStatus::skipped();
+                s.set_message(t.reason.clone());
+                s
+            }
+        };
+        if t.status == Status::Pass && !t.reason.is_empty() {
+            status.set_message(t.reason.clone());
+        }
+        let mut case = TestCase::new(t.name.clone(), status);
+        case.set_time(std::time::Duration::from_millis(t.duration_ms));
+        suites.entry(suite_name.clone()).or_insert_with(|| TestSuite::new(suite_name)).add_test_case(case);
+    }
+    let mut report = Report::new(format!("ovlconf on kernel {}", results.kernel));
+    report.add_test_suites(suites.into_values());
+    let xml = report.to_string().map_err(std::io::Error::other)?;
+    std::fs::write(path, xml)
+}
