@@ -6,6 +6,7 @@
 //! [`report`]. [`harness`] turns scenarios into trials; [`sandbox`] gives
 //! each trial its own namespaces; [`probe`] finds what the kernel can do.
 
+pub mod baseline;
 pub mod compare;
 pub mod coverage;
 pub mod errno;
@@ -19,6 +20,7 @@ pub mod probe;
 pub mod report;
 pub mod sandbox;
 pub mod scenario;
+pub mod schema; pub mod html;
 pub mod spec;
 pub mod steps;
 pub mod trial;

@@ -23,6 +23,13 @@ enum Cmd {
     Check { files: Vec<PathBuf> },
     /// Probe the running kernel's features and print them.
     Probe,
+    /// Compare the pending snapshots of a kernel that has no baselines with
+    /// the nearest older kernel's baselines, scenario by scenario.
+    BaselineDiff {
+        /// The kernel, as major.minor (e.g. 6.19).
+        #[arg(long)]
+        kernel: String,
+    },
     /// Write reports/coverage.md from the last host run and the VM runs.
     Coverage,
     /// Run every trial (or read a results file) and write reports/.
@@ -45,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Check { files } => check(files),
         Cmd::Report { from } => report(from),
         Cmd::Coverage => coverage(),
+        Cmd::BaselineDiff { kernel } => baseline_diff(&kernel),
         Cmd::Probe => {
             let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
                 Ok(s) => s,
@@ -183,5 +191,26 @@ fn coverage() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("wrote {}", out.display());
+    ExitCode::SUCCESS
+}
+
+fn baseline_diff(kernel: &str) -> ExitCode {
+    let cases = ovlconf::harness::workspace_root().join("cases");
+    let comparisons = ovlconf::baseline::compare(&cases, kernel);
+    let (mut same, mut differ, mut alone) = (0, 0, 0);
+    for c in &comparisons {
+        match (&c.against, c.diff.is_empty()) {
+            (None, _) => {
+                alone += 1;
+                println!("{} [{}]: no older baseline", c.scenario, c.set);
+            }
+            (Some(_), true) => same += 1,
+            (Some(k), false) => {
+                differ += 1;
+                println!("{} [{}]: differs from kernel {k}\n{}", c.scenario, c.set, c.diff);
+            }
+        }
+    }
+    println!("kernel {kernel}: {} pending snapshots; {same} as on the nearest older kernel, {differ} different, {alone} without an older baseline", comparisons.len());
     ExitCode::SUCCESS
 }

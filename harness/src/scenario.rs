@@ -41,22 +41,26 @@ impl std::error::Error for LoadError {}
 
 // ---------------------------------------------------------------- YAML shapes
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScenarioSpec {
     pub description: String,
+    #[schemars(with = "Vec<String>")]
     pub covers: Vec<Spanned<String>>,
     /// Which regression or prior-art check this scenario guards, free text.
     #[serde(default)]
     pub guards: Option<String>,
     /// Probed features the trial needs; unmet ones skip it with the reason.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub requires: Vec<Spanned<String>>,
     /// Restrict the option sets this scenario runs under (default: all).
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     pub option_sets: Option<Vec<Spanned<String>>>,
     /// Option sets this scenario does not apply to.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub skip_option_sets: Vec<Spanned<String>>,
     /// Filesystem for the layers: tmpfs (default), ext4, xfs or btrfs.
     #[serde(default)]
@@ -65,16 +69,18 @@ pub struct ScenarioSpec {
     #[serde(default)]
     pub mount: MountSpec,
     #[serde(default)]
+    #[schemars(with = "Vec<StepSpec>")]
     pub steps: Vec<Spanned<StepSpec>>,
     /// Expected final state, as blocks that may each be conditional.
     #[serde(default)]
+    #[schemars(with = "Vec<FinalSpec>")]
     pub expect: Vec<Spanned<FinalSpec>>,
     /// Seconds before the trial is killed and reported as hung.
     #[serde(default)]
     pub timeout: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FsKind {
     #[default]
@@ -95,17 +101,20 @@ impl FsKind {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LayersSpec {
     /// Lower layers, topmost first.
     #[serde(default)]
+    #[schemars(with = "Vec<BTreeMap<String, NodeSpec>>")]
     pub lower: Vec<TreeSpec>,
     /// The upper layer; absent means a read-only, lower-only mount.
     #[serde(default)]
+    #[schemars(with = "Option<BTreeMap<String, NodeSpec>>")]
     pub upper: Option<TreeSpec>,
     /// Data-only lower layers (`lowerdir=a::d`).
     #[serde(default)]
+    #[schemars(with = "Vec<BTreeMap<String, NodeSpec>>")]
     pub data: Vec<TreeSpec>,
 }
 
@@ -114,7 +123,7 @@ pub type TreeSpec = BTreeMap<String, Spanned<NodeSpec>>;
 
 /// One object, in a layer or in an expectation. Exactly one kind key in a
 /// layer; in an expectation the kind may be left out to check only attributes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
     /// A regular file with this content.
@@ -151,7 +160,7 @@ pub struct NodeSpec {
     pub xattrs: BTreeMap<String, Option<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WhiteoutForm {
     /// A character device 0/0.
@@ -160,7 +169,7 @@ pub enum WhiteoutForm {
     Xattr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum OpaqueMark {
     /// `overlay.opaque=y`: hides lower entries.
     #[serde(rename = "y")]
@@ -179,7 +188,7 @@ impl OpaqueMark {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MountSpec {
     /// Extra options appended after the option set's.
@@ -191,6 +200,7 @@ pub struct MountSpec {
     pub raw: Option<String>,
     /// Expected mount(2) outcome: `ok` or an errno name.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub expect: Option<Spanned<String>>,
     #[serde(default)]
     pub expect_if: Vec<CondOutcomeSpec>,
@@ -205,7 +215,7 @@ pub struct MountSpec {
     pub params: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MountApi {
     #[default]
@@ -213,16 +223,17 @@ pub enum MountApi {
     Fsopen,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CondOutcomeSpec {
     pub when: WhenSpec,
+    #[schemars(with = "String")]
     pub expect: Spanned<String>,
 }
 
 /// A condition on the trial: option set name, effective mount options (as
 /// shown in mountinfo), probed features. All listed parts must hold.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WhenSpec {
     #[serde(default)]
@@ -241,7 +252,7 @@ pub struct WhenSpec {
     pub implementations: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
     // One operation per step.
@@ -283,6 +294,7 @@ pub struct StepSpec {
     #[serde(rename = "as")]
     pub as_user: Option<AsUser>,
     /// `ok` (default) or an errno name.
+    #[schemars(with = "Option<String>")]
     pub expect: Option<Spanned<String>>,
     /// Conditional outcomes; the first whose `when` holds wins over `expect`.
     #[serde(default)]
@@ -291,7 +303,7 @@ pub struct StepSpec {
     pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenArgs {
     pub path: String,
@@ -302,7 +314,7 @@ pub struct OpenArgs {
     pub fd: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadArgs {
     pub fd: String,
@@ -312,42 +324,42 @@ pub struct ReadArgs {
     pub data: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WriteArgs {
     pub fd: String,
     pub data: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SeekArgs {
     pub fd: String,
     pub offset: i64,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TruncateArgs {
     pub path: String,
     pub size: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FtruncateArgs {
     pub fd: String,
     pub size: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MkdirArgs {
     pub path: String,
     pub mode: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameArgs {
     pub from: String,
@@ -357,21 +369,21 @@ pub struct RenameArgs {
     pub flags: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LinkArgs {
     pub from: String,
     pub to: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SymlinkArgs {
     pub target: String,
     pub path: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadlinkArgs {
     pub path: String,
@@ -379,7 +391,7 @@ pub struct ReadlinkArgs {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MknodKind {
     Fifo,
@@ -389,7 +401,7 @@ pub enum MknodKind {
     File,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MknodArgs {
     pub path: String,
@@ -399,14 +411,14 @@ pub struct MknodArgs {
     pub mode: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChmodArgs {
     pub path: String,
     pub mode: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChownArgs {
     pub path: String,
@@ -414,7 +426,7 @@ pub struct ChownArgs {
     pub gid: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UtimesArgs {
     pub path: String,
@@ -426,7 +438,7 @@ pub struct UtimesArgs {
     pub now: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetxattrArgs {
     pub path: String,
@@ -435,7 +447,7 @@ pub struct SetxattrArgs {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GetxattrArgs {
     pub path: String,
@@ -444,7 +456,7 @@ pub struct GetxattrArgs {
     pub value: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListxattrArgs {
     pub path: String,
@@ -452,7 +464,7 @@ pub struct ListxattrArgs {
     pub names: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemovexattrArgs {
     pub path: String,
@@ -460,7 +472,7 @@ pub struct RemovexattrArgs {
 }
 
 /// stat/lstat/fstat with optional expected fields and identity capture.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatArgs {
     /// A path in the merged view, or
@@ -485,7 +497,7 @@ pub struct StatArgs {
     pub differs_from: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReaddirArgs {
     pub path: Option<String>,
@@ -500,7 +512,7 @@ pub struct ReaddirArgs {
     pub d_ino_matches: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatfsArgs {
     pub path: String,
@@ -510,18 +522,19 @@ pub struct StatfsArgs {
     pub differs_from: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OfflineArgs {
     /// `upper`, `lower0`.., `data0`..
     pub layer: String,
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, NodeSpec>")]
     pub add: TreeSpec,
     #[serde(default)]
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemountArgs {
     #[serde(default)]
@@ -530,14 +543,14 @@ pub struct RemountArgs {
     pub api: MountApi,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AsUser {
     pub uid: u32,
     pub gid: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FinalSpec {
     /// This block applies only when the condition holds.
@@ -567,12 +580,13 @@ pub struct FinalSpec {
     pub work: BTreeMap<String, Option<String>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TreeExpectSpec {
     /// No path other than those listed (and their parents) may exist.
     #[serde(default)]
     pub exact: bool,
+    #[schemars(with = "BTreeMap<String, NodeSpec>")]
     pub tree: TreeSpec,
 }
 
