@@ -36,17 +36,24 @@ fn default_timeout() -> Duration {
 pub enum ChildJob {
     Trial(TrialJob),
     Probe { root: bool, implementations: Vec<probe::ImplementationProbe> },
+    /// `ovlconf bench`: the syscall floor loop.
+    Floor { iterations: usize, files: usize },
+    /// `ovlconf bench`: a large or deep stack.
+    Scale { files: usize, layers: usize },
 }
 
 enum Prepared {
+    Bench(ChildJob),
     Trial(Box<trial::PreparedTrial>),
     Probe(bool, Vec<probe::ImplementationProbe>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ChildResult {
-    Observed(Box<Observation>),
+    Observed(Box<Observation>, trial::Stages),
     Probed(Features),
+    Floor(crate::bench::FloorResult),
+    Scale(crate::bench::ScaleResult),
 }
 
 /// Call first thing in `main` of every binary that runs trials: in a
@@ -59,14 +66,18 @@ pub fn dispatch_child() {
                 ChildJob::Trial(t) => {
                     Ok((t.privilege(), Prepared::Trial(Box::new(trial::prepare(t)?))))
                 }
+                job @ (ChildJob::Floor { .. } | ChildJob::Scale { .. }) => Ok((Privilege::Root, Prepared::Bench(job))),
                 ChildJob::Probe { root, implementations } => Ok((
                     if root { Privilege::Root } else { Privilege::UsernsSelf },
                     Prepared::Probe(root, implementations),
                 )),
             },
             |prepared| match prepared {
+                Prepared::Bench(ChildJob::Floor { iterations, files }) => crate::bench::floor(iterations, files).map(ChildResult::Floor),
+                Prepared::Bench(ChildJob::Scale { files, layers }) => crate::bench::scale(files, layers).map(ChildResult::Scale),
+                Prepared::Bench(_) => Err("not a bench job".into()),
                 Prepared::Trial(t) => {
-                    trial::observe_trial(*t).map(|o| ChildResult::Observed(Box::new(o)))
+                    trial::observe_trial(*t).map(|(o, st)| ChildResult::Observed(Box::new(o), st))
                 }
                 Prepared::Probe(root, implementations) => {
                     let mut f = probe::probe_all(root);
@@ -287,6 +298,8 @@ pub struct Suite {
     pub release: String,
     pub scenarios: Vec<Scenario>,
     pub load_errors: Vec<scenario::LoadError>,
+    /// Microseconds spent parsing and checking every scenario.
+    pub parse_us: u64,
     pub implementations: Implementations,
     /// FUSE implementations whose daemon is installed, and what to probe.
     pub probes: Vec<probe::ImplementationProbe>,
@@ -308,6 +321,7 @@ impl Suite {
         };
         let mut scenarios = Vec::new();
         let mut load_errors = Vec::new();
+        let parse_started = Instant::now();
         for f in discover(&cases) {
             match scenario::load(&f, &cases, &vocab) {
                 Ok(s) => scenarios.push(s),
@@ -340,7 +354,9 @@ impl Suite {
                 }
             }
         }
+        let parse_us = parse_started.elapsed().as_micros() as u64;
         Ok(Suite {
+            parse_us,
             implementations,
             probes,
             unavailable,
@@ -418,6 +434,8 @@ impl Suite {
                     reason: pretty.clone(),
                     covers: vec![],
                     duration_ms: 0,
+                    steps: 0,
+                    stages_us: Default::default(),
                 });
                 Err(Failed::from(pretty))
             }));
@@ -445,13 +463,15 @@ impl Suite {
                     let results = results.clone();
                     trials.push(Trial::ignorable_test(name.clone(), move || {
                         let start = Instant::now();
-                        let (outcome, status, reason) = plan.run();
+                        let (outcome, status, reason, stages) = plan.run();
                         results.lock().expect("results").push(TrialResult {
                             name,
                             status,
                             reason,
                             covers: plan.sc.spec.covers.iter().map(|c| c.value.clone()).collect(),
                             duration_ms: start.elapsed().as_millis() as u64,
+                            steps: plan.sc.steps.len(),
+                            stages_us: stages,
                         });
                         outcome
                     }));
@@ -485,15 +505,15 @@ struct TrialPlan {
     root: bool,
 }
 
-type TrialOutcome = (Result<Completion, Failed>, Status, String);
+type TrialOutcome = (Result<Completion, Failed>, Status, String, trial::Stages);
 
 impl TrialPlan {
     fn skip(why: String) -> TrialOutcome {
-        (Ok(Completion::ignored_with(why.clone())), Status::Skip, why)
+        (Ok(Completion::ignored_with(why.clone())), Status::Skip, why, Default::default())
     }
 
     fn fail(why: String) -> TrialOutcome {
-        (Err(why.clone().into()), Status::Fail, why)
+        (Err(why.clone().into()), Status::Fail, why, Default::default())
     }
 
     /// `<set>/<area>/<scenario>`: what deviation patterns match against.
@@ -535,8 +555,9 @@ impl TrialPlan {
             root: self.root,
         });
 let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_timeout);
-        let obs = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
-            Ok(ChildResult::Observed(o)) => *o,
+        let started = Instant::now();
+        let (obs, mut stages) = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
+            Ok(ChildResult::Observed(o, st)) => (*o, st),
             Ok(_) => return Self::fail("trial child answered with something else".into()),
             Err(e) => return Self::fail(e),
         };
@@ -547,6 +568,11 @@ let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_ti
             xattr_prefix: set.xattr_prefix(),
             check_upper: self.profile.is_kernel(),
         };
+        // What the child did not account for: process start, namespaces,
+        // and the kernel tearing them down.
+        let inside: u64 = stages.values().sum();
+        stages.insert("sandbox and clean-up".into(), (started.elapsed().as_micros() as u64).saturating_sub(inside));
+        let mut clock = trial::Stopwatch::default();
         let problems = compare::check(sc, &obs, &ctx);
         let name = compare::snapshot_name(&sc.name, &self.implementation, &self.kernel, &self.set_name);
         let mut note = String::new();
@@ -558,6 +584,8 @@ let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_ti
                 return Self::fail(format!("observation differs from the baseline snapshot {name}:\n{d}"))
             }
         }
+        clock.lap("compare and snapshot");
+        stages.extend(clock.stages);
         let key = self.key();
         match problems.first() {
             None => match self.profile.declared_for(&key) {
@@ -565,12 +593,12 @@ let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_ti
                     "expected deviation no longer occurs (remove it from cases/implementations.yaml): {} — {}",
                     d.trial, d.reason
                 )),
-                None => (Ok(Completion::Completed), Status::Pass, note),
+                None => (Ok(Completion::Completed), Status::Pass, note, stages),
             },
             Some(first) => match self.profile.deviation(&key, first) {
                 Some(d) => {
                     let why = format!("deviates (expected): {} — first difference: {first}", d.reason);
-                    (Ok(Completion::ignored_with(why.clone())), Status::Deviates, why)
+                    (Ok(Completion::ignored_with(why.clone())), Status::Deviates, why, stages)
                 }
                 None => {
                     let file = sc.file.display();
@@ -632,7 +660,8 @@ pub fn main_with(mut args: Arguments) -> std::process::ExitCode {
         .filter(|r| r.reason.starts_with("new snapshot"))
         .map(|r| r.name.clone())
         .collect();
-    let results = Results::new(&suite.kernel, &suite.release, results);
+    let mut results = Results::new(&suite.kernel, &suite.release, results);
+    results.parse_us = suite.parse_us;
     let path = report::results_path(&root);
     let junit = path.with_extension("xml");
     match results.write(&path).and_then(|()| report::write_junit(&results, &junit)) {

@@ -7,6 +7,7 @@
 //! each trial its own namespaces; [`probe`] finds what the kernel can do.
 
 pub mod baseline;
+pub mod bench;
 pub mod compare;
 pub mod coverage;
 pub mod errno;

@@ -30,6 +30,13 @@ enum Cmd {
         #[arg(long)]
         kernel: String,
     },
+    /// Measure the suite against the syscall floor, per stage, and how it
+    /// scales with trials, layer size and layer count.
+    Bench {
+        /// Skip the full-suite run (floor and scaling only).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Write reports/coverage.md from the last host run and the VM runs.
     Coverage,
     /// Run every trial (or read a results file) and write reports/.
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Check { files } => check(files),
         Cmd::Report { from } => report(from),
         Cmd::Coverage => coverage(),
+        Cmd::Bench { quick } => bench(quick),
         Cmd::BaselineDiff { kernel } => baseline_diff(&kernel),
         Cmd::Probe => {
             let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
@@ -212,5 +220,100 @@ fn baseline_diff(kernel: &str) -> ExitCode {
         }
     }
     println!("kernel {kernel}: {} pending snapshots; {same} as on the nearest older kernel, {differ} different, {alone} without an older baseline", comparisons.len());
+    ExitCode::SUCCESS
+}
+
+fn bench(quick: bool) -> ExitCode {
+    use ovlconf::harness::{ChildJob, ChildResult};
+    use std::time::{Duration, Instant};
+    let root = ovlconf::harness::workspace_root();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+    let child = |job: ChildJob| ovlconf::sandbox::run_child::<_, ChildResult>(&job, Duration::from_secs(1800));
+    println!("machine: {} cores, kernel {}", threads / 2, ovlconf::harness::kernel_release());
+
+    // 1. The floor, with the harness's parallelism.
+    let per_thread = 100;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| std::thread::spawn(move || ovlconf::sandbox::run_child::<_, ChildResult>(&ChildJob::Floor { iterations: per_thread, files: 5 }, Duration::from_secs(600))))
+        .collect();
+    for h in handles {
+        if let Ok(Err(e)) = h.join() {
+            eprintln!("floor: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let floor_rate = (threads * per_thread) as f64 / start.elapsed().as_secs_f64();
+    println!("floor: {} bare trial loops on {threads} threads: {floor_rate:.0} trials/s", threads * per_thread);
+
+    // 2. The harness: trial-count scaling, then the whole host matrix.
+    let mut filters: Vec<(&str, Option<&str>)> = vec![("kernel, one option set", Some("kernel/6")), ("kernel, all option sets", Some("kernel/"))];
+    if quick {
+        filters.truncate(1);
+    } else {
+        filters.push(("every implementation", None));
+    }
+    let results_path = ovlconf::report::results_path(&root);
+    for (label, filter) in filters {
+        let mut argv = vec!["ovlconf bench".to_string(), "-q".to_string()];
+        if let Some(f) = filter {
+            argv.push(f.to_string());
+        }
+        if label == "kernel, one option set" {
+            argv.push("--skip".into());
+            argv.push("/samefs/".into());
+            for set in ["redirect_dir", "index", "xino", "metacopy", "nfs_export", "volatile", "userxattr"] {
+                argv.push("--skip".into());
+                argv.push(format!("/{set}/"));
+            }
+        }
+        let start = Instant::now();
+        let _ = ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(argv));
+        let wall = start.elapsed().as_secs_f64();
+        let Ok(results) = std::fs::read(&results_path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<ovlconf::report::Results>(&b).map_err(|e| e.to_string())) else {
+            eprintln!("no results");
+            return ExitCode::FAILURE;
+        };
+        let ran: Vec<_> = results.trials.iter().filter(|t| t.status != ovlconf::report::Status::Skip).collect();
+        let steps: usize = ran.iter().map(|t| t.steps).sum();
+        let rate = ran.len() as f64 / wall;
+        println!(
+            "harness ({label}): {} trials ({} skipped) in {wall:.1}s: {rate:.1} trials/s, {:.0} steps/s, {:.2} ms per trial; harness/floor = {:.0}%",
+            ran.len(),
+            results.trials.len() - ran.len(),
+            steps as f64 / wall,
+            wall * 1000.0 / ran.len().max(1) as f64,
+            100.0 * rate / floor_rate
+        );
+        let mut stages: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for t in &ran {
+            for (k, v) in &t.stages_us {
+                *stages.entry(k.clone()).or_default() += v;
+            }
+        }
+        let total: u64 = stages.values().sum::<u64>() + results.parse_us;
+        println!("  time per stage, summed over trials (threads overlap):");
+        println!("    {:<24} {:>9.3}s {:>5.1}%", "parse", results.parse_us as f64 / 1e6, 100.0 * results.parse_us as f64 / total.max(1) as f64);
+        for (k, v) in &stages {
+            println!("    {k:<24} {:>9.3}s {:>5.1}%", *v as f64 / 1e6, 100.0 * *v as f64 / total.max(1) as f64);
+        }
+    }
+
+    // 3. Layer size and layer count.
+    for (files, layers) in [(10_000, 1), (100_000, 1), (1, 1), (10, 10), (100, 100), (500, 500)] {
+        match child(ChildJob::Scale { files, layers }) {
+            Ok(ChildResult::Scale(r)) => println!(
+                "stack of {files} files in {layers} lower layer(s): build {:.3}s ({:.1} us/file), mount {:.3}s, observe {:.3}s ({:.1} us/object, {} objects)",
+                r.build_s,
+                r.build_s * 1e6 / files as f64,
+                r.mount_s,
+                r.observe_s,
+                r.observe_s * 1e6 / r.observed.max(1) as f64,
+                r.observed
+            ),
+            Ok(_) => {}
+            Err(e) => println!("stack of {files} files in {layers} layers: {e}"),
+        }
+    }
     ExitCode::SUCCESS
 }

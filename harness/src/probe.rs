@@ -32,6 +32,10 @@ pub const FEATURES: &[(&str, &str)] = &[
     ),
     ("new_mount_api", "fsopen(\"overlay\")"),
     ("lowerdir_append", "fsconfig lowerdir+"),
+    (
+        "overlay_fs_context",
+        "overlay parses fsconfig parameters itself (its own fs_context, not the VFS legacy one): fsconfig refuses an unknown parameter at once",
+    ),
     ("uuid_null", "the uuid=null mount option"),
     (
         "uuid_auto",
@@ -168,6 +172,7 @@ pub fn probe_all(root: bool) -> Features {
         ),
         ("new_mount_api", probe_fsopen(None)),
         ("lowerdir_append", probe_fsopen(Some(&base.join("lda")))),
+        ("overlay_fs_context", probe_overlay_fs_context()),
         (
             "uuid_null",
             probe_overlay(
@@ -385,6 +390,23 @@ fn probe_fsopen(append_dir: Option<&Path>) -> Result<(), String> {
             crate::errno::name(e.raw_os_error())
         )
     })
+}
+
+/// With the VFS legacy fs_context (overlay without its own, before 6.5)
+/// fsconfig stores any key=value for mount time; overlay's own parser
+/// refuses an unknown key in fsconfig itself.
+fn probe_overlay_fs_context() -> Result<(), String> {
+    use rustix::mount::{fsconfig_set_string, fsopen, FsOpenFlags};
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| format!("fsopen(overlay): {}", crate::errno::name(e.raw_os_error())))?;
+    match fsconfig_set_string(&fs, "ovlconf_no_such_option", "1") {
+        Err(e) if e.raw_os_error() == nix::errno::Errno::EINVAL as i32 => Ok(()),
+        Err(e) => Err(format!(
+            "fsconfig of an unknown parameter gave {}, not EINVAL",
+            crate::errno::name(e.raw_os_error())
+        )),
+        Ok(()) => Err("fsconfig accepts an unknown parameter (legacy fs_context: options are parsed only at mount time)".into()),
+    }
 }
 
 fn probe_loop_fs(dir: &Path, fs_name: &str, args: &[&str], mib: u64) -> Result<(), String> {

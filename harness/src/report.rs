@@ -23,6 +23,12 @@ pub struct TrialResult {
     pub reason: String,
     pub covers: Vec<String>,
     pub duration_ms: u64,
+    /// Steps the scenario has.
+    #[serde(default)]
+    pub steps: usize,
+    /// Microseconds per pipeline stage (trials that ran).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub stages_us: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +40,9 @@ pub struct Results {
     pub failed: usize,
     pub skipped: usize,
     pub deviating: usize,
+    /// Microseconds spent loading every scenario.
+    #[serde(default)]
+    pub parse_us: u64,
 }
 
 impl Results {
@@ -47,6 +56,7 @@ impl Results {
             failed: count(Status::Fail),
             skipped: count(Status::Skip),
             deviating: count(Status::Deviates),
+            parse_us: 0,
             trials,
         }
     }

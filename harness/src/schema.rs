@@ -10,9 +10,13 @@ use crate::scenario::ScenarioSpec;
 /// Where the committed schema lives, relative to the workspace root.
 pub const SCHEMA_PATH: &str = "cases/scenario.schema.json";
 
-/// The schema as a JSON value (draft 2020-12).
+/// The schema as a JSON value. Draft-07, not schemars' default 2020-12: the
+/// YAML language server (VS Code's YAML extension, Helix, Neovim, ...) fully
+/// supports only draft-07 and warns on newer meta-schemas.
 pub fn scenario_schema_value() -> serde_json::Value {
-    let mut schema = schemars::schema_for!(ScenarioSpec);
+    let mut schema = schemars::generate::SchemaSettings::draft07()
+        .into_generator()
+        .into_root_schema_for::<ScenarioSpec>();
     schema.insert("title".into(), "ovlconf scenario".into());
     schema.insert(
         "description".into(),

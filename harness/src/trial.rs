@@ -82,11 +82,13 @@ pub fn prepare(job: TrialJob) -> Result<PreparedTrial, String> {
 }
 
 /// Runs in the child: the whole trial, returning what was observed.
-pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
+pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> {
     let (sc, set, backend) = (&t.scenario, &t.set, &t.backend);
+    let mut clock = Stopwatch::default();
 
     let stack = layers::build(&sc.spec.layers, sc.spec.fs, set)
         .map_err(|e| format!("building layers: {e}"))?;
+    clock.lap("build layers");
     let opts = mount::options(&stack, set, &sc.spec.mount);
     let mut backend = backend.clone();
     if sc.spec.mount.api == crate::scenario::MountApi::Fsopen {
@@ -107,6 +109,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
     let mounted = backend.mount(&stack, &opts);
     obs.mount = mounted.to_string();
     obs.mount_log = mount::take_mount_log();
+    clock.lap("mount");
     if mounted != Outcome::Ok {
         // A refused mount: the layers as left behind are still worth seeing.
         let mut observer = Observer::new(&stack);
@@ -115,7 +118,8 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
                 .layer(u)
                 .map_err(|e| format!("observing upper: {e}"))?;
         }
-        return Ok(obs);
+        clock.lap("observe");
+        return Ok((obs, clock.stages));
     }
     obs.mount_options = mount::mountinfo_options(&stack.merged).unwrap_or_default();
 
@@ -133,6 +137,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
         obs.steps.push(ctx.run(step));
     }
     ctx.fds.clear();
+    clock.lap("run steps");
     // A step may have left the overlay unmounted (a failed mount cycle).
     let still_mounted = mount::mountinfo_options(&stack.merged).is_some();
     if still_mounted && mount::daemon_status().is_none() {
@@ -158,5 +163,32 @@ pub fn observe_trial(t: PreparedTrial) -> Result<Observation, String> {
     for (k, v) in &ctx.fsid_captures {
         obs.identities.insert(format!("fsid:{k}"), v.clone());
     }
-    Ok(obs)
+    clock.lap("observe");
+    Ok((obs, clock.stages))
+}
+
+/// Microseconds spent per pipeline stage.
+pub type Stages = BTreeMap<String, u64>;
+
+/// Adds the time since the last lap to a named stage.
+pub struct Stopwatch {
+    last: std::time::Instant,
+    pub stages: Stages,
+}
+
+impl Default for Stopwatch {
+    fn default() -> Self {
+        Stopwatch {
+            last: std::time::Instant::now(),
+            stages: Stages::new(),
+        }
+    }
+}
+
+impl Stopwatch {
+    pub fn lap(&mut self, stage: &str) {
+        let now = std::time::Instant::now();
+        *self.stages.entry(stage.to_string()).or_default() += (now - self.last).as_micros() as u64;
+        self.last = now;
+    }
 }

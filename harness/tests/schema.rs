@@ -25,7 +25,12 @@ fn committed_schema_is_current() {
         eprintln!("wrote {}", path.display());
         return;
     }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let Ok(committed) = std::fs::read_to_string(&path) else {
+        panic!(
+            "{} is missing. Write it with:\n\n    OVLCONF_UPDATE_SCHEMA=1 cargo test --test schema\n",
+            path.display()
+        );
+    };
     if committed != fresh {
         let first = committed
             .lines()
@@ -57,9 +62,14 @@ fn scenario_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Validates one YAML text against the generated schema; the error strings
 /// name the JSON pointer of each problem.
+///
+/// Untyped, serde-saphyr would read YAML 1.1 booleans (`y`, `n`, `on`, ...);
+/// with `strict_booleans` it follows YAML 1.2 as editors' YAML language
+/// server does, so `opaque: y` or `fd: f` stay strings.
 fn validate(validator: &jsonschema::Validator, text: &str) -> Result<(), Vec<String>> {
-    let value: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| vec![format!("YAML: {e}")])?;
+    let options = serde_saphyr::options! { strict_booleans: true };
+    let value: serde_json::Value = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| vec![format!("YAML: {e}")])?;
     let errors: Vec<String> = validator
         .iter_errors(&value)
         .map(|e| format!("{}: {e}", e.instance_path()))
