@@ -37,6 +37,16 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Print the JSON Schema of the scenario format (the committed copy is
+    /// cases/scenario.schema.json).
+    Schema,
+    /// Write the conformance matrix as one self-contained HTML page, from
+    /// target/ovlconf/results.json and target/vm/*/results.json.
+    Html {
+        /// Where to write it (default: reports/matrix.html in the workspace).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write reports/coverage.md from the last host run and the VM runs.
     Coverage,
     /// Run every trial (or read a results file) and write reports/.
@@ -59,6 +69,11 @@ fn main() -> ExitCode {
         Cmd::Check { files } => check(files),
         Cmd::Report { from } => report(from),
         Cmd::Coverage => coverage(),
+        Cmd::Schema => {
+            print!("{}", ovlconf::schema::scenario_schema());
+            ExitCode::SUCCESS
+        }
+        Cmd::Html { out } => html(out),
         Cmd::Bench { quick } => bench(quick),
         Cmd::BaselineDiff { kernel } => baseline_diff(&kernel),
         Cmd::Probe => {
@@ -162,19 +177,7 @@ fn coverage() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut files = vec![ovlconf::report::results_path(&root)];
-    if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
-        let mut vm: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("results.json")).filter(|p| p.exists()).collect();
-        vm.sort();
-        files.extend(vm);
-    }
-    let mut runs: Vec<ovlconf::report::Results> = Vec::new();
-    for f in &files {
-        match std::fs::read(f).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
-            Ok(r) => runs.push(r),
-            Err(e) => eprintln!("skipping {}: {e}", f.display()),
-        }
-    }
+    let mut runs = load_results(&results_files(&root));
     // Newest run per kernel wins.
     runs.dedup_by(|a, b| a.kernel == b.kernel);
     let spec = match ovlconf::spec::SpecIds::load(&suite.cases.join("BEHAVIOURS.md")) {
@@ -315,5 +318,45 @@ fn bench(quick: bool) -> ExitCode {
             Err(e) => println!("stack of {files} files in {layers} layers: {e}"),
         }
     }
+    ExitCode::SUCCESS
+}
+
+/// The host run's results first, then the VM runs'.
+fn results_files(root: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = vec![ovlconf::report::results_path(root)];
+    if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
+        let mut vm: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("results.json")).filter(|p| p.exists()).collect();
+        vm.sort();
+        files.extend(vm);
+    }
+    files.retain(|f| f.exists());
+    files
+}
+
+fn load_results(files: &[PathBuf]) -> Vec<ovlconf::report::Results> {
+    let mut runs = Vec::new();
+    for f in files {
+        match std::fs::read(f).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            Ok(r) => runs.push(r),
+            Err(e) => eprintln!("skipping {}: {e}", f.display()),
+        }
+    }
+    runs
+}
+
+fn html(out: Option<PathBuf>) -> ExitCode {
+    let root = ovlconf::harness::workspace_root();
+    let runs = load_results(&results_files(&root));
+    if runs.is_empty() {
+        eprintln!("ovlconf: no results files (run `ovlconf run` or ci/vm/run-kernel first)");
+        return ExitCode::FAILURE;
+    }
+    let out = out.unwrap_or_else(|| root.join("reports/matrix.html"));
+    let page = ovlconf::html::render(&runs);
+    if let Err(e) = out.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&out, page)) {
+        eprintln!("ovlconf: {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {} ({} results file(s))", out.display(), runs.len());
     ExitCode::SUCCESS
 }
