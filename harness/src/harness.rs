@@ -124,11 +124,18 @@ pub fn features(implementations: &[probe::ImplementationProbe]) -> &'static Feat
         };
         // Probes mount and mkfs; under nextest every trial is its own
         // process, so results are kept per boot, kernel, user and job.
+        // The binary's identity too: a rebuilt harness may probe differently.
+        let exe = std::env::current_exe()
+            .and_then(|p| p.metadata())
+            .and_then(|m| m.modified())
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_default();
         let key = format!(
-            "{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{exe}",
             std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim(),
             kernel_release(),
             nix::unistd::geteuid(),
+            probe::feature_names().join(","),
             serde_json::to_string(&job).unwrap_or_default()
         );
         let cache = workspace_root().join("target/ovlconf/probe-cache.json");
