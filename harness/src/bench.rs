@@ -30,21 +30,50 @@ pub fn floor(iterations: usize, files: usize) -> Result<FloorResult, String> {
     }
     let start = Instant::now();
     for _ in 0..iterations {
-        mount(Some("tmpfs"), &lower, Some("tmpfs"), MsFlags::empty(), None::<&str>).map_err(|x| e("tmpfs", x))?;
-        mount(Some("tmpfs"), &upper, Some("tmpfs"), MsFlags::empty(), None::<&str>).map_err(|x| e("tmpfs", x))?;
+        mount(
+            Some("tmpfs"),
+            &lower,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|x| e("tmpfs", x))?;
+        mount(
+            Some("tmpfs"),
+            &upper,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|x| e("tmpfs", x))?;
         fs::create_dir(lower.join("d")).map_err(|x| x.to_string())?;
         for i in 0..files {
             fs::write(lower.join(format!("d/f{i}")), "data\n").map_err(|x| x.to_string())?;
         }
         fs::create_dir(upper.join("u")).map_err(|x| x.to_string())?;
         fs::create_dir(upper.join("w")).map_err(|x| x.to_string())?;
-        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.join("u").display(), upper.join("w").display());
-        mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str())).map_err(|x| e("overlay", x))?;
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.join("u").display(),
+            upper.join("w").display()
+        );
+        mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|x| e("overlay", x))?;
         // Steps: a stat, a write-open (copy-up), a write, an unlink.
         let _ = fs::symlink_metadata(merged.join("d/f0"));
         {
             use std::io::Write;
-            let mut f = fs::OpenOptions::new().append(true).open(merged.join("d/f0")).map_err(|x| x.to_string())?;
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(merged.join("d/f0"))
+                .map_err(|x| x.to_string())?;
             f.write_all(b"more\n").map_err(|x| x.to_string())?;
         }
         let _ = fs::remove_file(merged.join("d/f1"));
@@ -58,7 +87,10 @@ pub fn floor(iterations: usize, files: usize) -> Result<FloorResult, String> {
         umount2(&upper, MntFlags::empty()).map_err(|x| e("umount", x))?;
         umount2(&lower, MntFlags::empty()).map_err(|x| e("umount", x))?;
     }
-    Ok(FloorResult { iterations, seconds: start.elapsed().as_secs_f64() })
+    Ok(FloorResult {
+        iterations,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Building and observing large or deep stacks.
@@ -83,25 +115,46 @@ pub fn scale(files: usize, layers: usize) -> Result<ScaleResult, String> {
     for l in 0..layers {
         let mut tree = TreeSpec::new();
         for i in 0..per_layer {
-            let node = NodeSpec { file: Some(format!("{l}/{i}\n")), ..Default::default() };
-            let span = serde_saphyr::Spanned::new(node, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN);
+            let node = NodeSpec {
+                file: Some(format!("{l}/{i}\n")),
+                ..Default::default()
+            };
+            let span = serde_saphyr::Spanned::new(
+                node,
+                serde_saphyr::Location::UNKNOWN,
+                serde_saphyr::Location::UNKNOWN,
+            );
             tree.insert(format!("d{}/l{l}-f{i}", i % 100), span);
         }
         spec.lower.push(tree);
     }
     spec.upper = Some(TreeSpec::new());
-    let set = crate::matrix::OptionSet { placement: crate::matrix::Placement::Samefs, ..Default::default() };
+    let set = crate::matrix::OptionSet {
+        placement: crate::matrix::Placement::Samefs,
+        ..Default::default()
+    };
     let t = Instant::now();
-    let stack = crate::layers::build(&spec, crate::scenario::FsKind::Tmpfs, &set).map_err(|e| e.to_string())?;
+    let stack = crate::layers::build(&spec, crate::scenario::FsKind::Tmpfs, &set)
+        .map_err(|e| e.to_string())?;
     let build_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let opts = crate::mount::options(&stack, &set, &Default::default());
     let outcome = if opts.len() < 4000 {
         crate::mount::mount_overlay(&stack, &opts)
     } else {
-        let mut params: Vec<String> = stack.lowers.iter().map(|l| format!("lowerdir+={}", l.display())).collect();
-        params.push(format!("upperdir={}", stack.upper.as_ref().expect("upper").display()));
-        params.push(format!("workdir={}", stack.work.as_ref().expect("work").display()));
+        let mut params: Vec<String> = stack
+            .lowers
+            .iter()
+            .map(|l| format!("lowerdir+={}", l.display()))
+            .collect();
+        params.push(format!(
+            "upperdir={}",
+            stack.upper.as_ref().expect("upper").display()
+        ));
+        params.push(format!(
+            "workdir={}",
+            stack.work.as_ref().expect("work").display()
+        ));
         crate::mount::mount_fsopen(&stack, &params)
     };
     if outcome != crate::scenario::Outcome::Ok {
@@ -111,5 +164,12 @@ pub fn scale(files: usize, layers: usize) -> Result<ScaleResult, String> {
     let t = Instant::now();
     let mut observer = crate::observe::Observer::new(&stack);
     let merged = observer.merged(&stack.merged).map_err(|e| e.to_string())?;
-    Ok(ScaleResult { files, layers, build_s, mount_s, observe_s: t.elapsed().as_secs_f64(), observed: merged.len() })
+    Ok(ScaleResult {
+        files,
+        layers,
+        build_s,
+        mount_s,
+        observe_s: t.elapsed().as_secs_f64(),
+        observed: merged.len(),
+    })
 }

@@ -51,14 +51,19 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
     }
     // A FUSE daemon cannot return an errno from mount: for it, any refusal
     // is what an expected mount error asks for.
-    let daemon_refused = !ctx.check_upper && matches!(want, Outcome::Err(_)) && obs.mount.starts_with("refused");
+    let daemon_refused =
+        !ctx.check_upper && matches!(want, Outcome::Err(_)) && obs.mount.starts_with("refused");
     if want.to_string() != obs.mount && !daemon_refused {
         out.push(format!("mount: expected {want}, got {}", obs.mount));
         return out;
     }
     // After a refused mount no step ran; the final blocks still hold (the
     // upper layer as the refusal left it, the fs_context log).
-    let steps = if obs.mount == "ok" { &sc.steps[..] } else { &[] };
+    let steps = if obs.mount == "ok" {
+        &sc.steps[..]
+    } else {
+        &[]
+    };
     for (i, step) in steps.iter().enumerate() {
         let at = format!(
             "step {} (line {}) `{}`",
@@ -159,13 +164,18 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
         }
         for piece in &b.mount_log {
             if !obs.mount_log.iter().any(|l| l.contains(piece.as_str())) {
-                out.push(format!("{at}: the fs_context log lacks {piece:?}: {:?}", obs.mount_log));
+                out.push(format!(
+                    "{at}: the fs_context log lacks {piece:?}: {:?}",
+                    obs.mount_log
+                ));
             }
         }
         for (path, want) in &b.work {
             let have = obs.work.get(path);
             if have != want.as_ref() {
-                out.push(format!("{at}: work `{path}` expected {want:?}, got {have:?}"));
+                out.push(format!(
+                    "{at}: work `{path}` expected {want:?}, got {have:?}"
+                ));
             }
         }
         for o in &b.not_mount_options {
@@ -413,7 +423,10 @@ fn node_problems(n: &NodeSpec, o: &NodeObs, prefix: &str, on_disk: bool) -> Vec<
     }
     if let Some(want) = n.d_ino_matches {
         if o.d_ino_matches != Some(want) {
-            p.push(format!("d_ino == st_ino expected {want}, got {:?}", o.d_ino_matches));
+            p.push(format!(
+                "d_ino == st_ino expected {want}, got {:?}",
+                o.d_ino_matches
+            ));
         }
     }
     if let Some(t) = n.mtime {

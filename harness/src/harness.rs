@@ -27,7 +27,10 @@ use crate::trial::{self, TrialJob};
 /// Per-trial timeout unless the scenario sets one: `$OVLCONF_TIMEOUT`
 /// seconds, else 60.
 fn default_timeout() -> Duration {
-    let secs = std::env::var("OVLCONF_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let secs = std::env::var("OVLCONF_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     Duration::from_secs(secs)
 }
 
@@ -35,11 +38,20 @@ fn default_timeout() -> Duration {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ChildJob {
     Trial(TrialJob),
-    Probe { root: bool, implementations: Vec<probe::ImplementationProbe> },
+    Probe {
+        root: bool,
+        implementations: Vec<probe::ImplementationProbe>,
+    },
     /// `ovlconf bench`: the syscall floor loop.
-    Floor { iterations: usize, files: usize },
+    Floor {
+        iterations: usize,
+        files: usize,
+    },
     /// `ovlconf bench`: a large or deep stack.
-    Scale { files: usize, layers: usize },
+    Scale {
+        files: usize,
+        layers: usize,
+    },
 }
 
 enum Prepared {
@@ -66,15 +78,28 @@ pub fn dispatch_child() {
                 ChildJob::Trial(t) => {
                     Ok((t.privilege(), Prepared::Trial(Box::new(trial::prepare(t)?))))
                 }
-                job @ (ChildJob::Floor { .. } | ChildJob::Scale { .. }) => Ok((Privilege::Root, Prepared::Bench(job))),
-                ChildJob::Probe { root, implementations } => Ok((
-                    if root { Privilege::Root } else { Privilege::UsernsSelf },
+                job @ (ChildJob::Floor { .. } | ChildJob::Scale { .. }) => {
+                    Ok((Privilege::Root, Prepared::Bench(job)))
+                }
+                ChildJob::Probe {
+                    root,
+                    implementations,
+                } => Ok((
+                    if root {
+                        Privilege::Root
+                    } else {
+                        Privilege::UsernsSelf
+                    },
                     Prepared::Probe(root, implementations),
                 )),
             },
             |prepared| match prepared {
-                Prepared::Bench(ChildJob::Floor { iterations, files }) => crate::bench::floor(iterations, files).map(ChildResult::Floor),
-                Prepared::Bench(ChildJob::Scale { files, layers }) => crate::bench::scale(files, layers).map(ChildResult::Scale),
+                Prepared::Bench(ChildJob::Floor { iterations, files }) => {
+                    crate::bench::floor(iterations, files).map(ChildResult::Floor)
+                }
+                Prepared::Bench(ChildJob::Scale { files, layers }) => {
+                    crate::bench::scale(files, layers).map(ChildResult::Scale)
+                }
                 Prepared::Bench(_) => Err("not a bench job".into()),
                 Prepared::Trial(t) => {
                     trial::observe_trial(*t).map(|(o, st)| ChildResult::Observed(Box::new(o), st))
@@ -132,7 +157,9 @@ pub fn features(implementations: &[probe::ImplementationProbe]) -> &'static Feat
             .unwrap_or_default();
         let key = format!(
             "{}|{}|{}|{}|{}|{exe}",
-            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim(),
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .unwrap_or_default()
+                .trim(),
             kernel_release(),
             nix::unistd::geteuid(),
             probe::feature_names().join(","),
@@ -149,8 +176,13 @@ pub fn features(implementations: &[probe::ImplementationProbe]) -> &'static Feat
         match sandbox::run_child::<_, ChildResult>(&job, Duration::from_secs(120)) {
             Ok(ChildResult::Probed(f)) => {
                 let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
-                let written = cache.parent().map(std::fs::create_dir_all).transpose().is_ok()
-                    && std::fs::write(&tmp, serde_json::to_vec(&(&key, &f)).unwrap_or_default()).is_ok();
+                let written = cache
+                    .parent()
+                    .map(std::fs::create_dir_all)
+                    .transpose()
+                    .is_ok()
+                    && std::fs::write(&tmp, serde_json::to_vec(&(&key, &f)).unwrap_or_default())
+                        .is_ok();
                 if written {
                     let _ = std::fs::rename(&tmp, &cache);
                 }
@@ -286,11 +318,22 @@ fn implied_requirements(sc: &Scenario, set: &OptionSet) -> Vec<String> {
 
 /// Whether a scenario puts or sets user.* xattrs on its layers.
 fn uses_user_xattrs(sc: &Scenario) -> bool {
-    let trees = sc.spec.layers.lower.iter().chain(&sc.spec.layers.upper).chain(&sc.spec.layers.data);
-    let in_layers = trees.flat_map(|t| t.values()).any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user.")));
+    let trees = sc
+        .spec
+        .layers
+        .lower
+        .iter()
+        .chain(&sc.spec.layers.upper)
+        .chain(&sc.spec.layers.data);
+    let in_layers = trees
+        .flat_map(|t| t.values())
+        .any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user.")));
     let in_steps = sc.steps.iter().any(|s| match &s.op {
         Op::Setxattr(a) => a.name.starts_with("user."),
-        Op::Offline(a) => a.add.values().any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user."))),
+        Op::Offline(a) => a
+            .add
+            .values()
+            .any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user."))),
         _ => false,
     });
     in_layers || in_steps
@@ -336,7 +379,8 @@ impl Suite {
             }
         }
         let release = kernel_release();
-        let implementations = Implementations::load(&cases.join("implementations.yaml")).map_err(|e| e.to_string())?;
+        let implementations = Implementations::load(&cases.join("implementations.yaml"))
+            .map_err(|e| e.to_string())?;
         let mut probes = Vec::new();
         let mut unavailable = BTreeMap::new();
         for (name, profile) in &implementations.implementations {
@@ -402,12 +446,23 @@ impl Suite {
             if let Some(why) = unavailable {
                 return Ok(Completion::ignored_with(why));
             }
-            let probed = features(&probes).implementation_sets.get(&name).cloned().unwrap_or_default();
-            let accepted: BTreeSet<String> = probed.iter().filter(|(_, r)| r.is_none()).map(|(s, _)| s.clone()).collect();
+            let probed = features(&probes)
+                .implementation_sets
+                .get(&name)
+                .cloned()
+                .unwrap_or_default();
+            let accepted: BTreeSet<String> = probed
+                .iter()
+                .filter(|(_, r)| r.is_none())
+                .map(|(s, _)| s.clone())
+                .collect();
             if accepted == claimed {
                 return Ok(Completion::Completed);
             }
-            let refused: Vec<String> = probed.iter().filter_map(|(s, r)| r.as_ref().map(|r| format!("{s}: {r}"))).collect();
+            let refused: Vec<String> = probed
+                .iter()
+                .filter_map(|(s, r)| r.as_ref().map(|r| format!("{s}: {r}")))
+                .collect();
             Err(format!(
                 "cases/implementations.yaml claims option sets {claimed:?} for {name}, but its daemon accepted {accepted:?}; refused:\n  {}",
                 refused.join("\n  ")
@@ -454,7 +509,10 @@ impl Suite {
             }
             for sc in &self.scenarios {
                 for (set_name, set) in self.sets_for(sc) {
-                    let name = format!("{impl_name}/{}/{set_name}/{}/{}", self.kernel, sc.area, sc.name);
+                    let name = format!(
+                        "{impl_name}/{}/{set_name}/{}/{}",
+                        self.kernel, sc.area, sc.name
+                    );
                     let plan = TrialPlan {
                         sc: sc.clone(),
                         set: set.clone(),
@@ -475,7 +533,13 @@ impl Suite {
                             name,
                             status,
                             reason,
-                            covers: plan.sc.spec.covers.iter().map(|c| c.value.clone()).collect(),
+                            covers: plan
+                                .sc
+                                .spec
+                                .covers
+                                .iter()
+                                .map(|c| c.value.clone())
+                                .collect(),
                             duration_ms: start.elapsed().as_millis() as u64,
                             steps: plan.sc.steps.len(),
                             stages_us: stages,
@@ -516,11 +580,21 @@ type TrialOutcome = (Result<Completion, Failed>, Status, String, trial::Stages);
 
 impl TrialPlan {
     fn skip(why: String) -> TrialOutcome {
-        (Ok(Completion::ignored_with(why.clone())), Status::Skip, why, Default::default())
+        (
+            Ok(Completion::ignored_with(why.clone())),
+            Status::Skip,
+            why,
+            Default::default(),
+        )
     }
 
     fn fail(why: String) -> TrialOutcome {
-        (Err(why.clone().into()), Status::Fail, why, Default::default())
+        (
+            Err(why.clone().into()),
+            Status::Fail,
+            why,
+            Default::default(),
+        )
     }
 
     /// `<set>/<area>/<scenario>`: what deviation patterns match against.
@@ -539,15 +613,31 @@ impl TrialPlan {
         let features = features(&self.probes);
         if !self.profile.is_kernel() {
             if set.userns {
-                return Self::skip("FUSE daemons run only as root in the initial user namespace here".into());
+                return Self::skip(
+                    "FUSE daemons run only as root in the initial user namespace here".into(),
+                );
             }
             if sc.spec.mount.api == crate::scenario::MountApi::Fsopen {
                 return Self::skip("the scenario mounts through the kernel's new mount API".into());
             }
-            match features.implementation_sets.get(&self.implementation).and_then(|m| m.get(&self.set_name)) {
+            match features
+                .implementation_sets
+                .get(&self.implementation)
+                .and_then(|m| m.get(&self.set_name))
+            {
                 Some(None) => {}
-                Some(Some(why)) => return Self::skip(format!("{} cannot express option set {}: {why}", self.implementation, self.set_name)),
-                None => return Self::skip(format!("{} was not probed (needs root)", self.implementation)),
+                Some(Some(why)) => {
+                    return Self::skip(format!(
+                        "{} cannot express option set {}: {why}",
+                        self.implementation, self.set_name
+                    ))
+                }
+                None => {
+                    return Self::skip(format!(
+                        "{} was not probed (needs root)",
+                        self.implementation
+                    ))
+                }
             }
         }
         if let Some(why) = features.unmet(&implied_requirements(sc, set)) {
@@ -561,7 +651,11 @@ impl TrialPlan {
             userns: set.userns,
             root: self.root,
         });
-let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_timeout);
+        let timeout = sc
+            .spec
+            .timeout
+            .map(Duration::from_secs)
+            .unwrap_or_else(default_timeout);
         let started = Instant::now();
         let (obs, mut stages) = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
             Ok(ChildResult::Observed(o, st)) => (*o, st),
@@ -578,17 +672,25 @@ let timeout = sc.spec.timeout.map(Duration::from_secs).unwrap_or_else(default_ti
         // What the child did not account for: process start, namespaces,
         // and the kernel tearing them down.
         let inside: u64 = stages.values().sum();
-        stages.insert("sandbox and clean-up".into(), (started.elapsed().as_micros() as u64).saturating_sub(inside));
+        stages.insert(
+            "sandbox and clean-up".into(),
+            (started.elapsed().as_micros() as u64).saturating_sub(inside),
+        );
         let mut clock = trial::Stopwatch::default();
         let problems = compare::check(sc, &obs, &ctx);
-        let name = compare::snapshot_name(&sc.name, &self.implementation, &self.kernel, &self.set_name);
+        let name =
+            compare::snapshot_name(&sc.name, &self.implementation, &self.kernel, &self.set_name);
         let mut note = String::new();
         match compare::snapshot(sc, &name, &obs) {
             SnapshotStatus::Matched => {}
-            SnapshotStatus::New if strict() => return Self::fail(format!("no baseline snapshot {name} (strict mode)")),
+            SnapshotStatus::New if strict() => {
+                return Self::fail(format!("no baseline snapshot {name} (strict mode)"))
+            }
             SnapshotStatus::New => note = format!("new snapshot {name} pending review"),
             SnapshotStatus::Differs(d) => {
-                return Self::fail(format!("observation differs from the baseline snapshot {name}:\n{d}"))
+                return Self::fail(format!(
+                    "observation differs from the baseline snapshot {name}:\n{d}"
+                ))
             }
         }
         clock.lap("compare and snapshot");
@@ -623,8 +725,17 @@ fn daemon_version(argv: &[String]) -> Result<String, String> {
         .arg("--version")
         .output()
         .map_err(|e| format!("{prog} is not installed ({e}); run ci/setup"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok(text.lines().find(|l| l.contains("version")).unwrap_or("").trim().to_string())
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text
+        .lines()
+        .find(|l| l.contains("version"))
+        .unwrap_or("")
+        .trim()
+        .to_string())
 }
 
 fn read_taint() -> Option<u64> {
@@ -671,10 +782,17 @@ pub fn main_with(mut args: Arguments) -> std::process::ExitCode {
     results.parse_us = suite.parse_us;
     let path = report::results_path(&root);
     let junit = path.with_extension("xml");
-    match results.write(&path).and_then(|()| report::write_junit(&results, &junit)) {
+    match results
+        .write(&path)
+        .and_then(|()| report::write_junit(&results, &junit))
+    {
         Err(e) => eprintln!("ovlconf: writing {}: {e}", path.display()),
         Ok(()) if !results.trials.is_empty() => {
-            eprintln!("ovlconf: results in {} and {}", path.display(), junit.display())
+            eprintln!(
+                "ovlconf: results in {} and {}",
+                path.display(),
+                junit.display()
+            )
         }
         Ok(()) => {}
     }

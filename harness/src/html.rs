@@ -146,12 +146,24 @@ pub fn render(results: &[Results]) -> String {
     }
     others.sort_by(|a, b| natural(&a.name, &b.name));
 
-    let mut columns: Vec<Column> = cells.iter().map(|(c, _, _)| c.clone()).collect::<HashSet<_>>().into_iter().collect();
-    let mut rows: Vec<(String, String)> = cells.iter().map(|(_, r, _)| r.clone()).collect::<HashSet<_>>().into_iter().collect();
+    let mut columns: Vec<Column> = cells
+        .iter()
+        .map(|(c, _, _)| c.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut rows: Vec<(String, String)> = cells
+        .iter()
+        .map(|(_, r, _)| r.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     columns.sort_by(column_order);
     rows.sort_by(|a, b| natural(&a.0, &b.0).then_with(|| natural(&a.1, &b.1)));
-    let col_index: HashMap<&Column, usize> = columns.iter().enumerate().map(|(i, c)| (c, i)).collect();
-    let row_index: HashMap<&(String, String), usize> = rows.iter().enumerate().map(|(i, r)| (r, i)).collect();
+    let col_index: HashMap<&Column, usize> =
+        columns.iter().enumerate().map(|(i, c)| (c, i)).collect();
+    let row_index: HashMap<&(String, String), usize> =
+        rows.iter().enumerate().map(|(i, r)| (r, i)).collect();
     let mut grid: BTreeMap<(usize, usize), &TrialResult> = BTreeMap::new();
     for (c, r, t) in &cells {
         grid.insert((row_index[r], col_index[c]), t);
@@ -246,11 +258,19 @@ pub fn render(results: &[Results]) -> String {
     let set_spans = spans(&|c| (format!("{}\u{0}{}", c.kernel, c.set), c.set.clone()));
     let _ = write!(h, "<tr><th class=\"corner\" rowspan=\"3\">scenario \\ kernel, option set, implementation</th>");
     for (label, n) in &kernel_spans {
-        let _ = write!(h, "<th class=\"kernel\" colspan=\"{n}\">kernel {}</th>", escape(label));
+        let _ = write!(
+            h,
+            "<th class=\"kernel\" colspan=\"{n}\">kernel {}</th>",
+            escape(label)
+        );
     }
     let _ = write!(h, "</tr>\n<tr>");
     for (label, n) in &set_spans {
-        let _ = write!(h, "<th class=\"set\" colspan=\"{n}\" title=\"{0}\">{0}</th>", escape(label));
+        let _ = write!(
+            h,
+            "<th class=\"set\" colspan=\"{n}\" title=\"{0}\">{0}</th>",
+            escape(label)
+        );
     }
     let _ = write!(h, "</tr>\n<tr>");
     for (i, c) in columns.iter().enumerate() {
@@ -476,7 +496,13 @@ mod tests {
 
     #[test]
     fn escapes() {
-        assert_eq!(escape(r#"<a href="x">&'"#), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
-        assert_eq!(script_json(&["</script><!--&"]), r#"["\u003c/script\u003e\u003c!--\u0026"]"#);
+        assert_eq!(
+            escape(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(
+            script_json(&["</script><!--&"]),
+            r#"["\u003c/script\u003e\u003c!--\u0026"]"#
+        );
     }
 }

@@ -98,7 +98,9 @@ fn main() -> ExitCode {
                 for (set, r) in sets {
                     match r {
                         None => println!("implementation {name}, option set {set}: accepted"),
-                        Some(why) => println!("implementation {name}, option set {set}: refused ({why})"),
+                        Some(why) => {
+                            println!("implementation {name}, option set {set}: refused ({why})")
+                        }
                     }
                 }
             }
@@ -139,14 +141,19 @@ fn report(from: Option<PathBuf>) -> ExitCode {
     let path = match from {
         Some(p) => p,
         None => {
-            let code = ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(["ovlconf report"]));
+            let code = ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter([
+                "ovlconf report",
+            ]));
             if code != ExitCode::SUCCESS {
                 eprintln!("ovlconf: the run failed; writing the reports anyway");
             }
             ovlconf::report::results_path(&root)
         }
     };
-    let results: ovlconf::report::Results = match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+    let results: ovlconf::report::Results = match std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ovlconf: {}: {e}", path.display());
@@ -187,17 +194,26 @@ fn coverage() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let unsupported = match ovlconf::coverage::load_unsupported(&suite.cases.join("unsupported.yaml")) {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let unsupported =
+        match ovlconf::coverage::load_unsupported(&suite.cases.join("unsupported.yaml")) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let features = ovlconf::harness::features(&suite.probes);
-    let md = ovlconf::coverage::render(&spec, &suite.scenarios, &runs, &unsupported, &features.missing);
+    let md = ovlconf::coverage::render(
+        &spec,
+        &suite.scenarios,
+        &runs,
+        &unsupported,
+        &features.missing,
+    );
     let out = root.join("reports/coverage.md");
-    if let Err(e) = std::fs::create_dir_all(root.join("reports")).and_then(|()| std::fs::write(&out, md)) {
+    if let Err(e) =
+        std::fs::create_dir_all(root.join("reports")).and_then(|()| std::fs::write(&out, md))
+    {
         eprintln!("{}: {e}", out.display());
         return ExitCode::FAILURE;
     }
@@ -218,7 +234,10 @@ fn baseline_diff(kernel: &str) -> ExitCode {
             (Some(_), true) => same += 1,
             (Some(k), false) => {
                 differ += 1;
-                println!("{} [{}]: differs from kernel {k}\n{}", c.scenario, c.set, c.diff);
+                println!(
+                    "{} [{}]: differs from kernel {k}\n{}",
+                    c.scenario, c.set, c.diff
+                );
             }
         }
     }
@@ -230,15 +249,34 @@ fn bench(quick: bool) -> ExitCode {
     use ovlconf::harness::{ChildJob, ChildResult};
     use std::time::{Duration, Instant};
     let root = ovlconf::harness::workspace_root();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
-    let child = |job: ChildJob| ovlconf::sandbox::run_child::<_, ChildResult>(&job, Duration::from_secs(1800));
-    println!("machine: {} cores, kernel {}", threads / 2, ovlconf::harness::kernel_release());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        * 2;
+    let child = |job: ChildJob| {
+        ovlconf::sandbox::run_child::<_, ChildResult>(&job, Duration::from_secs(1800))
+    };
+    println!(
+        "machine: {} cores, kernel {}",
+        threads / 2,
+        ovlconf::harness::kernel_release()
+    );
 
     // 1. The floor, with the harness's parallelism.
     let per_thread = 100;
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
-        .map(|_| std::thread::spawn(move || ovlconf::sandbox::run_child::<_, ChildResult>(&ChildJob::Floor { iterations: per_thread, files: 5 }, Duration::from_secs(600))))
+        .map(|_| {
+            std::thread::spawn(move || {
+                ovlconf::sandbox::run_child::<_, ChildResult>(
+                    &ChildJob::Floor {
+                        iterations: per_thread,
+                        files: 5,
+                    },
+                    Duration::from_secs(600),
+                )
+            })
+        })
         .collect();
     for h in handles {
         if let Ok(Err(e)) = h.join() {
@@ -247,10 +285,16 @@ fn bench(quick: bool) -> ExitCode {
         }
     }
     let floor_rate = (threads * per_thread) as f64 / start.elapsed().as_secs_f64();
-    println!("floor: {} bare trial loops on {threads} threads: {floor_rate:.0} trials/s", threads * per_thread);
+    println!(
+        "floor: {} bare trial loops on {threads} threads: {floor_rate:.0} trials/s",
+        threads * per_thread
+    );
 
     // 2. The harness: trial-count scaling, then the whole host matrix.
-    let mut filters: Vec<(&str, Option<&str>)> = vec![("kernel, one option set", Some("kernel/6")), ("kernel, all option sets", Some("kernel/"))];
+    let mut filters: Vec<(&str, Option<&str>)> = vec![
+        ("kernel, one option set", Some("kernel/6")),
+        ("kernel, all option sets", Some("kernel/")),
+    ];
     if quick {
         filters.truncate(1);
     } else {
@@ -265,7 +309,15 @@ fn bench(quick: bool) -> ExitCode {
         if label == "kernel, one option set" {
             argv.push("--skip".into());
             argv.push("/samefs/".into());
-            for set in ["redirect_dir", "index", "xino", "metacopy", "nfs_export", "volatile", "userxattr"] {
+            for set in [
+                "redirect_dir",
+                "index",
+                "xino",
+                "metacopy",
+                "nfs_export",
+                "volatile",
+                "userxattr",
+            ] {
                 argv.push("--skip".into());
                 argv.push(format!("/{set}/"));
             }
@@ -273,11 +325,20 @@ fn bench(quick: bool) -> ExitCode {
         let start = Instant::now();
         let _ = ovlconf::harness::main_with(libtest_mimic::Arguments::from_iter(argv));
         let wall = start.elapsed().as_secs_f64();
-        let Ok(results) = std::fs::read(&results_path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<ovlconf::report::Results>(&b).map_err(|e| e.to_string())) else {
+        let Ok(results) = std::fs::read(&results_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<ovlconf::report::Results>(&b).map_err(|e| e.to_string())
+            })
+        else {
             eprintln!("no results");
             return ExitCode::FAILURE;
         };
-        let ran: Vec<_> = results.trials.iter().filter(|t| t.status != ovlconf::report::Status::Skip).collect();
+        let ran: Vec<_> = results
+            .trials
+            .iter()
+            .filter(|t| t.status != ovlconf::report::Status::Skip)
+            .collect();
         let steps: usize = ran.iter().map(|t| t.steps).sum();
         let rate = ran.len() as f64 / wall;
         println!(
@@ -296,14 +357,30 @@ fn bench(quick: bool) -> ExitCode {
         }
         let total: u64 = stages.values().sum::<u64>() + results.parse_us;
         println!("  time per stage, summed over trials (threads overlap):");
-        println!("    {:<24} {:>9.3}s {:>5.1}%", "parse", results.parse_us as f64 / 1e6, 100.0 * results.parse_us as f64 / total.max(1) as f64);
+        println!(
+            "    {:<24} {:>9.3}s {:>5.1}%",
+            "parse",
+            results.parse_us as f64 / 1e6,
+            100.0 * results.parse_us as f64 / total.max(1) as f64
+        );
         for (k, v) in &stages {
-            println!("    {k:<24} {:>9.3}s {:>5.1}%", *v as f64 / 1e6, 100.0 * *v as f64 / total.max(1) as f64);
+            println!(
+                "    {k:<24} {:>9.3}s {:>5.1}%",
+                *v as f64 / 1e6,
+                100.0 * *v as f64 / total.max(1) as f64
+            );
         }
     }
 
     // 3. Layer size and layer count.
-    for (files, layers) in [(10_000, 1), (100_000, 1), (1, 1), (10, 10), (100, 100), (500, 500)] {
+    for (files, layers) in [
+        (10_000, 1),
+        (100_000, 1),
+        (1, 1),
+        (10, 10),
+        (100, 100),
+        (500, 500),
+    ] {
         match child(ChildJob::Scale { files, layers }) {
             Ok(ChildResult::Scale(r)) => println!(
                 "stack of {files} files in {layers} lower layer(s): build {:.3}s ({:.1} us/file), mount {:.3}s, observe {:.3}s ({:.1} us/object, {} objects)",
@@ -325,7 +402,11 @@ fn bench(quick: bool) -> ExitCode {
 fn results_files(root: &std::path::Path) -> Vec<PathBuf> {
     let mut files = vec![ovlconf::report::results_path(root)];
     if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
-        let mut vm: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("results.json")).filter(|p| p.exists()).collect();
+        let mut vm: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path().join("results.json"))
+            .filter(|p| p.exists())
+            .collect();
         vm.sort();
         files.extend(vm);
     }
@@ -336,7 +417,10 @@ fn results_files(root: &std::path::Path) -> Vec<PathBuf> {
 fn load_results(files: &[PathBuf]) -> Vec<ovlconf::report::Results> {
     let mut runs = Vec::new();
     for f in files {
-        match std::fs::read(f).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+        match std::fs::read(f)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
             Ok(r) => runs.push(r),
             Err(e) => eprintln!("skipping {}: {e}", f.display()),
         }
@@ -353,7 +437,11 @@ fn html(out: Option<PathBuf>) -> ExitCode {
     }
     let out = out.unwrap_or_else(|| root.join("reports/matrix.html"));
     let page = ovlconf::html::render(&runs);
-    if let Err(e) = out.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&out, page)) {
+    if let Err(e) = out
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&out, page))
+    {
         eprintln!("ovlconf: {}: {e}", out.display());
         return ExitCode::FAILURE;
     }

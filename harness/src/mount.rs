@@ -103,7 +103,14 @@ impl Backend {
                 let mut args = Vec::new();
                 // The option set's options go through as they are, so the
                 // daemon itself says whether it can express them.
-                let extra: Vec<&str> = opts.split(',').filter(|o| !o.starts_with("lowerdir=") && !o.starts_with("upperdir=") && !o.starts_with("workdir=")).collect();
+                let extra: Vec<&str> = opts
+                    .split(',')
+                    .filter(|o| {
+                        !o.starts_with("lowerdir=")
+                            && !o.starts_with("upperdir=")
+                            && !o.starts_with("workdir=")
+                    })
+                    .collect();
                 if !extra.is_empty() && !extra.iter().all(|o| o.is_empty()) {
                     args.push("-o".to_string());
                     args.push(extra.join(","));
@@ -139,12 +146,17 @@ fn start_daemon(argv: &[String], args: &[String], target: &Path) -> Outcome {
         Err(e) => return Outcome::Err(format!("daemon log: {e}")),
     };
     let mut cmd = Command::new(prog);
-    cmd.args(lead).args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log fd")).stderr(log);
+    cmd.args(lead)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             // The daemon dies with the trial, so no daemon outlives it.
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
         });
     }
     let mut child = match cmd.spawn() {
@@ -156,13 +168,19 @@ fn start_daemon(argv: &[String], args: &[String], target: &Path) -> Outcome {
         // A libfuse daemon mounts before it parses its own options, so a
         // mount can appear and vanish: only a stat answered by a daemon that
         // is still running counts.
-        if is_fuse_mounted(target) && nix::sys::stat::stat(target).is_ok() && matches!(child.try_wait(), Ok(None)) {
+        if is_fuse_mounted(target)
+            && nix::sys::stat::stat(target).is_ok()
+            && matches!(child.try_wait(), Ok(None))
+        {
             *DAEMON.lock().expect("daemon") = Some(child);
             return Outcome::Ok;
         }
         if let Ok(Some(status)) = child.try_wait() {
             let text = std::fs::read_to_string(DAEMON_LOG).unwrap_or_default();
-            let first = text.lines().find(|l| !l.trim().is_empty() && !l.contains("unknown argument ignored")).unwrap_or("");
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty() && !l.contains("unknown argument ignored"))
+                .unwrap_or("");
             return Outcome::Err(format!("refused ({status}): {}", first.trim()));
         }
         if start.elapsed() > Duration::from_secs(10) {
@@ -214,7 +232,8 @@ fn is_fuse_mounted(target: &Path) -> bool {
         .map(|t| {
             t.lines().any(|l| {
                 l.split(' ').nth(4) == Some(want.as_str())
-                    && l.split_once(" - ").is_some_and(|(_, tail)| tail.starts_with("fuse"))
+                    && l.split_once(" - ")
+                        .is_some_and(|(_, tail)| tail.starts_with("fuse"))
             })
         })
         .unwrap_or(false)
@@ -245,8 +264,7 @@ pub fn mountinfo_options(target: &Path) -> Option<Vec<String>> {
     // Several mounts may stack on one point; the last line is the top one.
     let line = text
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .last()?;
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
     let (_, tail) = line.split_once(" - ")?;
     let mut parts = tail.splitn(3, ' ');
     let _fstype = parts.next()?;
@@ -280,14 +298,20 @@ pub fn take_mount_log() -> Vec<String> {
 
 /// The fsconfig calls for an option string: one per option.
 pub fn params_of(opts: &str) -> Vec<String> {
-    opts.split(',').filter(|o| !o.is_empty()).map(|o| o.to_string()).collect()
+    opts.split(',')
+        .filter(|o| !o.is_empty())
+        .map(|o| o.to_string())
+        .collect()
 }
 
 /// fsopen("overlay"), one fsconfig call per parameter, create, fsmount,
 /// move_mount onto the merged dir. The errno is that of the first call that
 /// failed; the fs_context log is kept for the observation.
 pub fn mount_fsopen(stack: &Stack, params: &[String]) -> Outcome {
-    use rustix::mount::{fsconfig_create, fsconfig_set_fd, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount};
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_fd, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen,
+        move_mount,
+    };
     use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
     let err = |e: rustix::io::Errno| Outcome::Err(crate::errno::name(e.raw_os_error()));
     let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
@@ -300,7 +324,11 @@ pub fn mount_fsopen(stack: &Stack, params: &[String]) -> Outcome {
             match p.split_once('=') {
                 Some((key, value)) => match value.strip_prefix("fd:") {
                     Some(path) => {
-                        let fd = rustix::fs::open(path, rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+                        let fd = rustix::fs::open(
+                            path,
+                            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                            rustix::fs::Mode::empty(),
+                        )?;
                         fsconfig_set_fd(&fs, key, &fd)?
                     }
                     None => fsconfig_set_string(&fs, key, value)?,
@@ -310,7 +338,13 @@ pub fn mount_fsopen(stack: &Stack, params: &[String]) -> Outcome {
         }
         fsconfig_create(&fs)?;
         let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
-        move_mount(&mnt, "", rustix::fs::CWD, &stack.merged, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        move_mount(
+            &mnt,
+            "",
+            rustix::fs::CWD,
+            &stack.merged,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
     })();
     *MOUNT_LOG.lock().expect("mount log") = read_fs_log(&fs);
     match result {
@@ -334,15 +368,27 @@ pub fn read_fs_log(fs: &impl std::os::fd::AsFd) -> Vec<String> {
 
 /// Reconfigure the live mount. mount(2) MS_REMOUNT, or fspick + fsconfig +
 /// FSCONFIG_CMD_RECONFIGURE; the fs_context log is kept.
-pub fn remount(target: &Path, options: &[String], api: crate::scenario::MountApi) -> Result<(), nix::errno::Errno> {
+pub fn remount(
+    target: &Path,
+    options: &[String],
+    api: crate::scenario::MountApi,
+) -> Result<(), nix::errno::Errno> {
     use crate::scenario::MountApi;
     match api {
         MountApi::Mount => {
             let data = options.join(",");
-            mount(None::<&str>, target, None::<&str>, MsFlags::MS_REMOUNT, Some(data.as_str()))
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_REMOUNT,
+                Some(data.as_str()),
+            )
         }
         MountApi::Fsopen => {
-            use rustix::mount::{fsconfig_reconfigure, fsconfig_set_flag, fsconfig_set_string, fspick, FsPickFlags};
+            use rustix::mount::{
+                fsconfig_reconfigure, fsconfig_set_flag, fsconfig_set_string, fspick, FsPickFlags,
+            };
             let e = |e: rustix::io::Errno| nix::errno::Errno::from_raw(e.raw_os_error());
             let fs = fspick(rustix::fs::CWD, target, FsPickFlags::FSPICK_CLOEXEC).map_err(e)?;
             let r = (|| {
@@ -354,7 +400,10 @@ pub fn remount(target: &Path, options: &[String], api: crate::scenario::MountApi
                 }
                 fsconfig_reconfigure(&fs)
             })();
-            MOUNT_LOG.lock().expect("mount log").extend(read_fs_log(&fs));
+            MOUNT_LOG
+                .lock()
+                .expect("mount log")
+                .extend(read_fs_log(&fs));
             r.map_err(e)
         }
     }

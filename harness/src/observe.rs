@@ -161,7 +161,7 @@ pub struct Observer {
     pub pseudo_devs: Classes,
     pub layer_devs: BTreeMap<String, u64>,
     pub identities: Classes<(String, u64)>,
-    pub fsids: Classes,
+    pub fsids: Classes<String>,
     pub started: i64,
 }
 
@@ -243,7 +243,13 @@ impl Observer {
                 let st = match nix::sys::stat::lstat(&path) {
                     Ok(st) => st,
                     Err(e) => {
-                        out.insert(child_rel, NodeObs { kind: format!("error {}", crate::errno::name(e as i32)), ..Default::default() });
+                        out.insert(
+                            child_rel,
+                            NodeObs {
+                                kind: format!("error {}", crate::errno::name(e as i32)),
+                                ..Default::default()
+                            },
+                        );
                         continue;
                     }
                 };
@@ -302,7 +308,7 @@ impl Observer {
         match kind {
             "file" => {
                 node.size = Some(st.st_size as u64);
-                node.sparse = Some(st.st_size > 0 && (st.st_blocks as i64) * 512 < st.st_size);
+                node.sparse = Some(st.st_size > 0 && st.st_blocks * 512 < st.st_size);
                 if st.st_size <= 4096 {
                     node.content = Some(render_bytes(&fs::read(path)?));
                 }
@@ -514,7 +520,15 @@ pub fn unionfs_upper(upper: BTreeMap<String, NodeObs>) -> BTreeMap<String, NodeO
         match path.strip_prefix(".unionfs-fuse/") {
             Some(rest) => {
                 if let Some(hidden) = rest.strip_suffix("_HIDDEN~") {
-                    out.insert(hidden.to_string(), NodeObs { kind: "whiteout".into(), uid: node.uid, gid: node.gid, ..Default::default() });
+                    out.insert(
+                        hidden.to_string(),
+                        NodeObs {
+                            kind: "whiteout".into(),
+                            uid: node.uid,
+                            gid: node.gid,
+                            ..Default::default()
+                        },
+                    );
                 }
                 // Directories inside the meta tree only mirror the paths.
             }

@@ -101,10 +101,16 @@ pub struct ImplementationProbe {
 }
 
 /// Mount each implementation on a tiny stack with each set's options.
-pub fn probe_implementations(list: &[ImplementationProbe]) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+pub fn probe_implementations(
+    list: &[ImplementationProbe],
+) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
     let mut out = BTreeMap::new();
     for (i, imp) in list.iter().enumerate() {
-        let backend = crate::mount::Backend { style: imp.style, argv: imp.argv.clone(), fsopen_params: None };
+        let backend = crate::mount::Backend {
+            style: imp.style,
+            argv: imp.argv.clone(),
+            fsopen_params: None,
+        };
         let mut sets = BTreeMap::new();
         for (j, (set, options)) in imp.sets.iter().enumerate() {
             let dir = Path::new("/tmp/probe/impl").join(format!("{i}-{j}"));
@@ -119,7 +125,10 @@ pub fn probe_implementations(list: &[ImplementationProbe]) -> BTreeMap<String, B
                     devs: Default::default(),
                     xattr_prefix: "trusted.",
                 };
-                let set = crate::matrix::OptionSet { options: options.clone(), ..Default::default() };
+                let set = crate::matrix::OptionSet {
+                    options: options.clone(),
+                    ..Default::default()
+                };
                 let opts = crate::mount::options(&stack, &set, &Default::default());
                 match backend.mount(&stack, &opts) {
                     crate::scenario::Outcome::Ok => {
@@ -127,14 +136,18 @@ pub fn probe_implementations(list: &[ImplementationProbe]) -> BTreeMap<String, B
                             .into_iter()
                             .filter(|o| options.contains(o))
                             .collect();
-                        backend.unmount(&stack.merged).map_err(|e| format!("unmount: {e}"))?;
+                        backend
+                            .unmount(&stack.merged)
+                            .map_err(|e| format!("unmount: {e}"))?;
                         if ignored.is_empty() {
                             Ok(())
                         } else {
                             Err(format!("the daemon ignores `{}`", ignored.join(",")))
                         }
                     }
-                    crate::scenario::Outcome::Err(e) => Err(format!("mount with `{}` {e}", options.join(","))),
+                    crate::scenario::Outcome::Err(e) => {
+                        Err(format!("mount with `{}` {e}", options.join(",")))
+                    }
                 }
             });
             sets.insert(set.clone(), r.err());

@@ -128,7 +128,11 @@ pub fn write_markdown(results: &Results, dir: &Path) -> std::io::Result<Vec<Path
                 total[i] += c[i];
             }
         }
-        let _ = writeln!(md, "| **total** | **{}** | **{}** | **{}** | **{}** |\n", total[0], total[1], total[2], total[3]);
+        let _ = writeln!(
+            md,
+            "| **total** | **{}** | **{}** | **{}** | **{}** |\n",
+            total[0], total[1], total[2], total[3]
+        );
         for (title, status) in [("Deviations", Status::Deviates), ("Failures", Status::Fail)] {
             let list: Vec<&&TrialResult> = trials.iter().filter(|t| t.status == status).collect();
             if list.is_empty() {
@@ -143,7 +147,13 @@ pub fn write_markdown(results: &Results, dir: &Path) -> std::io::Result<Vec<Path
                     .reason
                     .split_once("first difference: ")
                     .map(|(_, d)| d)
-                    .unwrap_or_else(|| t.reason.lines().nth(1).map(|l| l.trim_start_matches(" - ").trim()).unwrap_or(&t.reason));
+                    .unwrap_or_else(|| {
+                        t.reason
+                            .lines()
+                            .nth(1)
+                            .map(|l| l.trim_start_matches(" - ").trim())
+                            .unwrap_or(&t.reason)
+                    });
                 let cell = first.replace('|', "\\|").replace('\n', " ");
                 let _ = writeln!(md, "| `{short}` | {cell} |");
             }
@@ -183,7 +193,10 @@ pub fn write_junit(results: &Results, path: &Path) -> std::io::Result<()> {
         }
         let mut case = TestCase::new(t.name.clone(), status);
         case.set_time(std::time::Duration::from_millis(t.duration_ms));
-        suites.entry(suite_name.clone()).or_insert_with(|| TestSuite::new(suite_name)).add_test_case(case);
+        suites
+            .entry(suite_name.clone())
+            .or_insert_with(|| TestSuite::new(suite_name))
+            .add_test_case(case);
     }
     let mut report = Report::new(format!("ovlconf on kernel {}", results.kernel));
     report.add_test_suites(suites.into_values());

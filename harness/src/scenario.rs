@@ -80,7 +80,9 @@ pub struct ScenarioSpec {
     pub timeout: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FsKind {
     #[default]
@@ -215,7 +217,9 @@ pub struct MountSpec {
     pub params: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MountApi {
     #[default]
@@ -720,7 +724,9 @@ impl Op {
             Op::MountCycle => "mount cycle".into(),
             Op::DropCaches => "drop caches".into(),
             Op::Offline(a) => format!("offline change to {}", a.layer),
-            Op::Remount(a) => format!("remount ({:?}) {}", a.api, a.options.join(",")).to_lowercase(),
+            Op::Remount(a) => {
+                format!("remount ({:?}) {}", a.api, a.options.join(",")).to_lowercase()
+            }
         }
     }
 }
@@ -1123,15 +1129,11 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
                     }
                 }
             }
-            Op::Stat(a) | Op::Lstat(a) => {
-                if a.path.is_some() == a.fd.is_some() {
-                    return Err(self.at(at, "stat needs exactly one of `path` and `fd`".into()));
-                }
+            Op::Stat(a) | Op::Lstat(a) if a.path.is_some() == a.fd.is_some() => {
+                return Err(self.at(at, "stat needs exactly one of `path` and `fd`".into()));
             }
-            Op::Readdir(a) => {
-                if a.path.is_some() == a.fd.is_some() {
-                    return Err(self.at(at, "readdir needs exactly one of `path` and `fd`".into()));
-                }
+            Op::Readdir(a) if a.path.is_some() == a.fd.is_some() => {
+                return Err(self.at(at, "readdir needs exactly one of `path` and `fd`".into()));
             }
             Op::Offline(a) => {
                 let known = layer_names(layers);

@@ -30,8 +30,8 @@ pub fn scenario_schema_value() -> serde_json::Value {
 
 /// The schema as pretty-printed JSON with a trailing newline.
 pub fn scenario_schema() -> String {
-    let mut s = serde_json::to_string_pretty(&scenario_schema_value())
-        .expect("a schema always serializes");
+    let mut s =
+        serde_json::to_string_pretty(&scenario_schema_value()).expect("a schema always serializes");
     s.push('\n');
     s
 }

@@ -275,14 +275,12 @@ impl Ctx<'_> {
             Op::Lstat(a) => self.stat(a, false),
             Op::Readdir(a) => self.readdir(a),
             Op::Statfs(a) => {
-                let st = rustix::fs::statfs(&self.path(&a.path))
-                    .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
-                // SAFETY-free view of the two fsid words.
-                let raw: [i32; 2] = unsafe { std::mem::transmute(st.f_fsid) };
+                let st = nix::sys::statfs::statfs(&self.path(&a.path))?;
+                // fsid_t's words are private; its Debug form shows them.
                 let class = self
                     .observer
                     .fsids
-                    .class((raw[0] as u32 as u64, raw[1] as u32 as u64));
+                    .class(format!("{:?}", st.filesystem_id()));
                 if let Some(name) = &a.capture {
                     self.fsid_captures.insert(name.clone(), class.clone());
                 }
@@ -405,5 +403,18 @@ impl Ctx<'_> {
             entries: Some(out),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fsid classes rest on fsid_t's Debug form: it must tell
+    /// filesystems apart.
+    #[test]
+    fn fsid_debug_distinguishes_filesystems() {
+        let a = nix::sys::statfs::statfs("/").unwrap();
+        let b = nix::sys::statfs::statfs("/proc").unwrap();
+        let (a, b) = (format!("{:?}", a.filesystem_id()), format!("{:?}", b.filesystem_id()));
+        assert_ne!(a, b, "{a} vs {b}");
     }
 }

@@ -46,8 +46,12 @@ pub struct PreparedTrial {
 }
 
 /// The mount backend of an implementation named in cases/implementations.yaml.
-pub fn backend_for(cases_root: &std::path::Path, implementation: &str) -> Result<mount::Backend, String> {
-    let impls = Implementations::load(&cases_root.join("implementations.yaml")).map_err(|e| e.to_string())?;
+pub fn backend_for(
+    cases_root: &std::path::Path,
+    implementation: &str,
+) -> Result<mount::Backend, String> {
+    let impls = Implementations::load(&cases_root.join("implementations.yaml"))
+        .map_err(|e| e.to_string())?;
     let profile = impls
         .implementations
         .get(implementation)
@@ -78,7 +82,11 @@ pub fn prepare(job: TrialJob) -> Result<PreparedTrial, String> {
         .ok_or_else(|| format!("unknown option set {}", job.set))?
         .clone();
     let backend = backend_for(&job.cases_root, &job.implementation)?;
-    Ok(PreparedTrial { scenario: sc, set, backend })
+    Ok(PreparedTrial {
+        scenario: sc,
+        set,
+        backend,
+    })
 }
 
 /// Runs in the child: the whole trial, returning what was observed.
@@ -103,7 +111,11 @@ pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> 
     }
     let backend = &backend;
     let mut obs = Observation {
-        module_params: if backend.style == Style::Kernel { mount::module_params() } else { Default::default() },
+        module_params: if backend.style == Style::Kernel {
+            mount::module_params()
+        } else {
+            Default::default()
+        },
         ..Default::default()
     };
     let mounted = backend.mount(&stack, &opts);

@@ -40,8 +40,17 @@ impl Run {
     /// Wait until a line of output ends with `suffix` (a trial finished).
     fn wait_for_line_ending(&self, suffix: &str, limit: Duration) {
         let start = Instant::now();
-        while !self.out.lock().unwrap().lines().any(|l| l.ends_with(suffix)) {
-            assert!(start.elapsed() < limit, "no line ending in {suffix:?} within {limit:?}");
+        while !self
+            .out
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.ends_with(suffix))
+        {
+            assert!(
+                start.elapsed() < limit,
+                "no line ending in {suffix:?} within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -52,7 +61,10 @@ fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Run {
     cmd.args(["run", "--", "--test-threads", "2", filter])
         .env("CI", "true")
         .env("INSTA_UPDATE", "no")
-        .env("OVLCONF_RESULTS", std::env::temp_dir().join(format!("ovlconf-faults-{}.json", std::process::id())))
+        .env(
+            "OVLCONF_RESULTS",
+            std::env::temp_dir().join(format!("ovlconf-faults-{}.json", std::process::id())),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     for (k, v) in extra_env {
@@ -64,13 +76,20 @@ fn suite(filter: &str, extra_env: &[(&str, &str)]) -> Run {
     let sink = out.clone();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let mut s = sink.lock().unwrap();
             s.push_str(&line);
             s.push('\n');
         }
     });
-    Run { child, out, reader: Some(reader) }
+    Run {
+        child,
+        out,
+        reader: Some(reader),
+    }
 }
 
 /// Pids of processes whose command line contains `needle`, other than us.
@@ -83,7 +102,11 @@ fn pids_of(needle: &str) -> Vec<i32> {
         .filter(|pid| *pid != me)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
                 .unwrap_or(false)
         })
         .collect()
@@ -106,18 +129,28 @@ fn wait_bounded(run: &mut Run, limit: Duration) -> String {
             }
             return run.out.lock().unwrap().clone();
         }
-        assert!(start.elapsed() < limit, "the run did not end within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "the run did not end within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn assert_clean() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mountinfo.contains("/tmp/ovlconf"), "a trial mount is visible in the host namespace");
+    assert!(
+        !mountinfo.contains("/tmp/ovlconf"),
+        "a trial mount is visible in the host namespace"
+    );
     // Give the kernel a moment to reap what a killed namespace held.
     let start = Instant::now();
     while !pids_of("fuse-overlayfs -f").is_empty() || !pids_of("OVLCONF_CHILD").is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(10), "daemons or trial children left running: {:?}", pids_of("fuse-overlayfs -f"));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemons or trial children left running: {:?}",
+            pids_of("fuse-overlayfs -f")
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -141,7 +174,10 @@ fn fuse_daemon_killed_mid_trial_fails_cleanly() {
     }
     let out = wait_bounded(&mut run, Duration::from_secs(300));
     assert!(killed > 0, "no daemon was ever seen");
-    assert!(out.contains("FAILED"), "killing daemons failed no trial:\n{out}");
+    assert!(
+        out.contains("FAILED"),
+        "killing daemons failed no trial:\n{out}"
+    );
     assert_clean();
 }
 
@@ -162,9 +198,15 @@ fn stopped_fuse_daemon_is_a_timeout_and_the_run_goes_on() {
     }
     let out = wait_bounded(&mut run, Duration::from_secs(600));
     assert!(stopped > 0, "no daemon was ever seen");
-    assert!(out.contains("timed out after 3s"), "no trial reported a timeout:\n{out}");
+    assert!(
+        out.contains("timed out after 3s"),
+        "no trial reported a timeout:\n{out}"
+    );
     // Trials after the stopped ones still ran and passed.
-    assert!(out.lines().any(|l| l.ends_with(" ok")), "nothing passed after the hang:\n{out}");
+    assert!(
+        out.lines().any(|l| l.ends_with(" ok")),
+        "nothing passed after the hang:\n{out}"
+    );
     assert_clean();
 }
 
@@ -175,8 +217,15 @@ fn killing_runs_repeatedly_leaves_nothing_behind() {
         eprintln!("skipped: needs root");
         return;
     }
-    let rounds: u32 = std::env::var("OVLCONF_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let loops_before = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
+    let rounds: u32 = std::env::var("OVLCONF_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let loops_before = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     for i in 0..rounds {
         let mut run = suite("/default/", &[]);
         // A different moment each round: 50 to 750 ms into the run.
@@ -184,6 +233,10 @@ fn killing_runs_repeatedly_leaves_nothing_behind() {
         run.kill();
         assert_clean();
     }
-    let loops_after = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
+    let loops_after = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     assert_eq!(loops_before, loops_after, "loop devices were left attached");
 }

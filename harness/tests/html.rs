@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use ovlconf::report::{Results, Status, TrialResult};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Built through serde, as a results file is read, so fields added to
@@ -49,8 +52,18 @@ fn synthetic() -> Vec<Results> {
             ));
         }
     }
-    host.push(trial("kernel/6.18/xino/rename/<b>odd\"name'</b>", Skip, "needs feature `xino` <i>", &[]));
-    host.push(trial("parse/rename/broken", Fail, "cases/rename/broken.yaml:3:1: unknown field `stepz`", &[]));
+    host.push(trial(
+        "kernel/6.18/xino/rename/<b>odd\"name'</b>",
+        Skip,
+        "needs feature `xino` <i>",
+        &[],
+    ));
+    host.push(trial(
+        "parse/rename/broken",
+        Fail,
+        "cases/rename/broken.yaml:3:1: unknown field `stepz`",
+        &[],
+    ));
     // The first cell of the matrix (kernel 6.1 sorts before 6.18, area
     // `copy-up` first) fails with markup in its reason: the self-test of
     // ci/check-html-report reads it back from the page.
@@ -93,11 +106,18 @@ fn synthetic_page() {
     // Nothing from the data reaches the page unescaped.
     assert!(!page.contains("<b>odd"));
     assert!(page.contains("&lt;b&gt;odd&quot;name&#39;&lt;/b&gt;"));
-    assert_eq!(page.matches("</script>").count(), 2, "only the two real script ends");
+    assert_eq!(
+        page.matches("</script>").count(),
+        2,
+        "only the two real script ends"
+    );
     assert!(!page.contains("<i>"));
     // Self-contained.
     for external in ["src=", "href=", "@import", "url("] {
-        assert!(!page.contains(external), "page refers to an external resource: {external}");
+        assert!(
+            !page.contains(external),
+            "page refers to an external resource: {external}"
+        );
     }
     // The load failure is listed below the matrix.
     assert!(page.contains("<code>parse/rename/broken</code>"));
@@ -114,7 +134,11 @@ fn synthetic_page() {
 fn workspace_results_page() {
     let mut files = vec![root().join("target/ovlconf/results.json")];
     if let Ok(rd) = std::fs::read_dir(root().join("target/vm")) {
-        let mut vm: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("results.json")).filter(|p| p.exists()).collect();
+        let mut vm: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path().join("results.json"))
+            .filter(|p| p.exists())
+            .collect();
         vm.sort();
         files.extend(vm);
     }
@@ -128,13 +152,26 @@ fn workspace_results_page() {
         return;
     }
     let page = ovlconf::html::render(&runs);
-    let mut names: Vec<&str> = runs.iter().flat_map(|r| r.trials.iter().map(|t| t.name.as_str())).collect();
+    let mut names: Vec<&str> = runs
+        .iter()
+        .flat_map(|r| r.trials.iter().map(|t| t.name.as_str()))
+        .collect();
     names.sort();
     names.dedup();
-    let scenario_trials = names.iter().filter(|n| n.split('/').count() >= 5 && !n.starts_with("parse/")).count();
-    assert_eq!(page.matches("<td class=\"cell ").count() - page.matches("<td class=\"cell none\"").count(), scenario_trials);
+    let scenario_trials = names
+        .iter()
+        .filter(|n| n.split('/').count() >= 5 && !n.starts_with("parse/"))
+        .count();
+    assert_eq!(
+        page.matches("<td class=\"cell ").count() - page.matches("<td class=\"cell none\"").count(),
+        scenario_trials
+    );
     let out = root().join("target/ovlconf/html-results.html");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(&out, &page).unwrap();
-    eprintln!("wrote {} from {} results file(s)", out.display(), runs.len());
+    eprintln!(
+        "wrote {} from {} results file(s)",
+        out.display(),
+        runs.len()
+    );
 }

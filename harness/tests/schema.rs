@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 const NOT_SCENARIOS: &[&str] = &["matrix.yaml", "implementations.yaml", "unsupported.yaml"];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
@@ -47,7 +50,11 @@ fn committed_schema_is_current() {
 }
 
 fn scenario_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -90,17 +97,29 @@ fn every_scenario_validates() {
     let validator = validator();
     let mut files = Vec::new();
     scenario_files(&root().join("cases"), &mut files);
-    assert!(files.len() > 10, "found only {} scenario files", files.len());
+    assert!(
+        files.len() > 10,
+        "found only {} scenario files",
+        files.len()
+    );
     let mut bad = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
         if let Err(errors) = validate(&validator, &text) {
             for e in errors {
-                bad.push(format!("{}: {e}", f.strip_prefix(root()).unwrap_or(f).display()));
+                bad.push(format!(
+                    "{}: {e}",
+                    f.strip_prefix(root()).unwrap_or(f).display()
+                ));
             }
         }
     }
-    assert!(bad.is_empty(), "{} problem(s):\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} problem(s):\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
