@@ -83,15 +83,27 @@ pub fn dispatch_child() {
                 }
                 ChildJob::Probe {
                     root,
-                    implementations,
-                } => Ok((
-                    if root {
+                    mut implementations,
+                } => {
+                    for imp in &mut implementations {
+                        let mut b = crate::mount::Backend {
+                            style: imp.style,
+                            argv: imp.argv.clone(),
+                            fsopen_params: None,
+                            pinned: None,
+                        };
+                        // A daemon that cannot be opened shows up as refusing every set.
+                        if b.pin().is_ok() {
+                            imp.pinned = b.pinned;
+                        }
+                    }
+                    let privilege = if root {
                         Privilege::Root
                     } else {
                         Privilege::UsernsSelf
-                    },
-                    Prepared::Probe(root, implementations),
-                )),
+                    };
+                    Ok((privilege, Prepared::Probe(root, implementations)))
+                }
             },
             |prepared| match prepared {
                 Prepared::Bench(ChildJob::Floor { iterations, files }) => {
@@ -393,6 +405,7 @@ impl Suite {
                     name: name.clone(),
                     style: profile.style,
                     argv,
+                    pinned: None,
                     sets: matrix
                         .sets
                         .iter()

@@ -72,14 +72,27 @@ pub struct Backend {
     pub argv: Vec<String>,
     /// Kernel only: mount through fsopen with these fsconfig calls.
     pub fsopen_params: Option<Vec<String>>,
+    /// The daemon's program as `/proc/self/fd/N`, opened before the sandbox
+    /// covers /tmp (where the workspace, and so target/tools, may live).
+    pub pinned: Option<String>,
 }
 
 impl Backend {
+    /// Open the daemon's program now, while the host's files are in view.
+    pub fn pin(&mut self) -> Result<(), String> {
+        self.pinned = match self.argv.first() {
+            Some(prog) if self.style != Style::Kernel => Some(pin_program(prog)?),
+            _ => None,
+        };
+        Ok(())
+    }
+
     pub fn kernel() -> Backend {
         Backend {
             style: Style::Kernel,
             argv: vec![],
             fsopen_params: None,
+            pinned: None,
         }
     }
 
@@ -92,7 +105,7 @@ impl Backend {
             Style::Overlay => {
                 let mut args = vec!["-o".to_string(), opts.to_string()];
                 args.push(stack.merged.display().to_string());
-                start_daemon(&self.argv, &args, &stack.merged)
+                start_daemon(&self.argv, self.pinned.as_deref(), &args, &stack.merged)
             }
             Style::Unionfs => {
                 let mut branches: Vec<String> = Vec::new();
@@ -117,7 +130,7 @@ impl Backend {
                 }
                 args.push(branches.join(":"));
                 args.push(stack.merged.display().to_string());
-                start_daemon(&self.argv, &args, &stack.merged)
+                start_daemon(&self.argv, self.pinned.as_deref(), &args, &stack.merged)
             }
         }
     }
@@ -137,7 +150,29 @@ static DAEMON: Mutex<Option<Child>> = Mutex::new(None);
 const DAEMON_LOG: &str = "/tmp/daemon.log";
 
 /// Start a FUSE daemon in the foreground and wait until its mount appears.
-fn start_daemon(argv: &[String], args: &[String], target: &Path) -> Outcome {
+/// `prog` (a path, or a name looked up in PATH) as an inheritable O_PATH fd,
+/// named `/proc/self/fd/N`.
+fn pin_program(prog: &str) -> Result<String, String> {
+    let path = if prog.contains('/') {
+        std::path::PathBuf::from(prog)
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(prog))
+                    .find(|p| p.is_file())
+            })
+            .ok_or_else(|| format!("{prog} is not in PATH"))?
+    };
+    let fd = rustix::fs::open(&path, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty())
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    Ok(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::IntoRawFd::into_raw_fd(fd)
+    ))
+}
+
+fn start_daemon(argv: &[String], pinned: Option<&str>, args: &[String], target: &Path) -> Outcome {
     let Some((prog, lead)) = argv.split_first() else {
         return Outcome::Err("no daemon command".into());
     };
@@ -145,8 +180,9 @@ fn start_daemon(argv: &[String], args: &[String], target: &Path) -> Outcome {
         Ok(f) => f,
         Err(e) => return Outcome::Err(format!("daemon log: {e}")),
     };
-    let mut cmd = Command::new(prog);
-    cmd.args(lead)
+    let mut cmd = Command::new(pinned.unwrap_or(prog));
+    cmd.arg0(prog)
+        .args(lead)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log fd"))

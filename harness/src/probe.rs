@@ -98,6 +98,9 @@ pub struct ImplementationProbe {
     pub style: crate::implementation::Style,
     pub argv: Vec<String>,
     pub sets: Vec<(String, Vec<String>)>,
+    /// The program opened before the sandbox (see `Backend::pin`).
+    #[serde(default)]
+    pub pinned: Option<String>,
 }
 
 /// Mount each implementation on a tiny stack with each set's options.
@@ -110,6 +113,7 @@ pub fn probe_implementations(
             style: imp.style,
             argv: imp.argv.clone(),
             fsopen_params: None,
+            pinned: imp.pinned.clone(),
         };
         let mut sets = BTreeMap::new();
         for (j, (set, options)) in imp.sets.iter().enumerate() {

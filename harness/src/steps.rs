@@ -414,7 +414,10 @@ mod tests {
     fn fsid_debug_distinguishes_filesystems() {
         let a = nix::sys::statfs::statfs("/").unwrap();
         let b = nix::sys::statfs::statfs("/proc").unwrap();
-        let (a, b) = (format!("{:?}", a.filesystem_id()), format!("{:?}", b.filesystem_id()));
+        let (a, b) = (
+            format!("{:?}", a.filesystem_id()),
+            format!("{:?}", b.filesystem_id()),
+        );
         assert_ne!(a, b, "{a} vs {b}");
     }
 }

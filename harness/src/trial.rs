@@ -57,11 +57,14 @@ pub fn backend_for(
         .get(implementation)
         .ok_or_else(|| format!("unknown implementation {implementation}"))?;
     let workspace = cases_root.parent().unwrap_or(cases_root);
-    Ok(mount::Backend {
+    let mut backend = mount::Backend {
         style: profile.style,
         argv: profile.argv(workspace),
         fsopen_params: None,
-    })
+        pinned: None,
+    };
+    backend.pin()?;
+    Ok(backend)
 }
 
 /// Runs in the child before it enters its namespaces: load what it needs.
