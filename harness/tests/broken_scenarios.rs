@@ -78,6 +78,12 @@ fn a_broken_scenario_fails_alone_and_the_rest_still_runs() {
     for f in ["BEHAVIOURS.md", "matrix.yaml"] {
         std::fs::copy(real.join(f), cases.join(f)).unwrap();
     }
+    // The kernel only: this test is about loading, not about FUSE daemons.
+    std::fs::write(
+        cases.join("implementations.yaml"),
+        "implementations:\n  kernel:\n    description: the running kernel\n",
+    )
+    .unwrap();
     std::fs::copy(
         real.join("whiteout/unlink-lower-file.yaml"),
         cases.join("whiteout/unlink-lower-file.yaml"),
@@ -96,6 +102,10 @@ fn a_broken_scenario_fails_alone_and_the_rest_still_runs() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = format!(
+        "{stdout}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !out.status.success(),
         "a broken scenario must fail the run:\n{stdout}"
