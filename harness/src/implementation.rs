@@ -62,21 +62,7 @@ pub struct Deviation {
 
 impl Implementations {
     pub fn load(path: &Path) -> Result<Implementations, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        })?;
-        serde_saphyr::from_str(&text).map_err(|e| {
-            let loc = e.location();
-            LoadError {
-                file: path.to_path_buf(),
-                line: loc.map(|l| l.line()).unwrap_or(0),
-                column: loc.map(|l| l.column()).unwrap_or(0),
-                message: e.without_snippet().to_string(),
-            }
-        })
+        crate::scenario::load_yaml(path)
     }
 }
 

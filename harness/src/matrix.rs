@@ -53,21 +53,7 @@ impl OptionSet {
 
 impl Matrix {
     pub fn load(path: &Path) -> Result<Matrix, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        })?;
-        let mut m: Matrix = serde_saphyr::from_str(&text).map_err(|e| {
-            let loc = e.location();
-            LoadError {
-                file: path.to_path_buf(),
-                line: loc.map(|l| l.line()).unwrap_or(0),
-                column: loc.map(|l| l.column()).unwrap_or(0),
-                message: e.without_snippet().to_string(),
-            }
-        })?;
+        let mut m: Matrix = crate::scenario::load_yaml(path)?;
         m.sets = m.option_sets.clone();
         Ok(m)
     }

@@ -757,6 +757,26 @@ pub fn load(path: &Path, cases_root: &Path, vocab: &Vocabulary) -> Result<Scenar
     parse(path, &text, cases_root, vocab)
 }
 
+/// Read and deserialize a YAML file of the suite (matrix, implementations,
+/// …); errors name file, line and column like a scenario's.
+pub fn load_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    serde_saphyr::from_str(&text).map_err(|e| {
+        let pos = e.location().map(Pos::from).unwrap_or_default();
+        LoadError {
+            file: path.to_path_buf(),
+            line: pos.line,
+            column: pos.column,
+            message: yaml_message(&e),
+        }
+    })
+}
+
 /// Upper bounds that keep a hostile file from exhausting the machine.
 const MAX_FILE_SIZE: u64 = 1 << 44; // 16 TiB, sparse
 const MAX_TREE_NODES: usize = 200_000;
