@@ -256,10 +256,7 @@ pub fn static_skip(sc: &Scenario, set: &OptionSet, root: bool) -> Option<String>
     let trees = sc
         .spec
         .layers
-        .lower
-        .iter()
-        .chain(&sc.spec.layers.upper)
-        .chain(&sc.spec.layers.data)
+        .trees()
         .chain(sc.steps.iter().filter_map(|s| match &s.op {
             Op::Offline(a) => Some(&a.add),
             _ => None,
@@ -330,13 +327,7 @@ fn implied_requirements(sc: &Scenario, set: &OptionSet) -> Vec<String> {
 
 /// Whether a scenario puts or sets user.* xattrs on its layers.
 fn uses_user_xattrs(sc: &Scenario) -> bool {
-    let trees = sc
-        .spec
-        .layers
-        .lower
-        .iter()
-        .chain(&sc.spec.layers.upper)
-        .chain(&sc.spec.layers.data);
+    let trees = sc.spec.layers.trees();
     let in_layers = trees
         .flat_map(|t| t.values())
         .any(|n| n.value.xattrs.keys().any(|k| k.starts_with("user.")));

@@ -77,12 +77,8 @@ fn main() -> ExitCode {
         Cmd::Bench { quick } => bench(quick),
         Cmd::BaselineDiff { kernel } => baseline_diff(&kernel),
         Cmd::Probe => {
-            let suite = match ovlconf::harness::Suite::load(&ovlconf::harness::workspace_root()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(suite) = load_suite(&ovlconf::harness::workspace_root()) else {
+                return ExitCode::FAILURE;
             };
             let f = ovlconf::harness::features(&suite.probes);
             for name in &f.present {
@@ -111,12 +107,8 @@ fn main() -> ExitCode {
 
 fn check(files: Vec<PathBuf>) -> ExitCode {
     let root = ovlconf::harness::workspace_root();
-    let suite = match ovlconf::harness::Suite::load(&root) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(suite) = load_suite(&root) else {
+        return ExitCode::FAILURE;
     };
     let mut bad = 0;
     for e in &suite.load_errors {
@@ -177,12 +169,8 @@ fn report(from: Option<PathBuf>) -> ExitCode {
 /// Reads target/ovlconf/results.json and target/vm/*/results.json.
 fn coverage() -> ExitCode {
     let root = ovlconf::harness::workspace_root();
-    let suite = match ovlconf::harness::Suite::load(&root) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(suite) = load_suite(&root) else {
+        return ExitCode::FAILURE;
     };
     let mut runs = load_results(&results_files(&root));
     // Newest run per kernel wins.
@@ -447,4 +435,11 @@ fn html(out: Option<PathBuf>) -> ExitCode {
     }
     println!("wrote {} ({} results file(s))", out.display(), runs.len());
     ExitCode::SUCCESS
+}
+
+/// The suite of the workspace, or None after saying why not.
+fn load_suite(root: &std::path::Path) -> Option<ovlconf::harness::Suite> {
+    ovlconf::harness::Suite::load(root)
+        .map_err(|e| eprintln!("{e}"))
+        .ok()
 }

@@ -120,6 +120,13 @@ pub struct LayersSpec {
     pub data: Vec<TreeSpec>,
 }
 
+impl LayersSpec {
+    /// Every layer's tree: lowers, the upper, data-only layers.
+    pub fn trees(&self) -> impl Iterator<Item = &TreeSpec> {
+        self.lower.iter().chain(&self.upper).chain(&self.data)
+    }
+}
+
 /// A tree: relative path -> node. Parents not listed are made as 0755 dirs.
 pub type TreeSpec = BTreeMap<String, Spanned<NodeSpec>>;
 
