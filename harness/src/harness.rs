@@ -225,7 +225,9 @@ pub fn discover(cases: &Path) -> Vec<PathBuf> {
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
-                if p.file_name().is_some_and(|n| n != "snapshots") {
+                if p.file_name().is_some_and(|n| n != "snapshots")
+                    && p != cases.join(crate::implementation::DEVIATIONS_DIR)
+                {
                     dirs.push(p);
                 }
             } else if p.extension().is_some_and(|x| x == "yaml") && p.parent() != Some(cases) {
@@ -382,8 +384,22 @@ impl Suite {
             }
         }
         let release = kernel_release();
-        let implementations = Implementations::load(&cases.join("implementations.yaml"))
-            .map_err(|e| e.to_string())?;
+        let mut implementations = Implementations::load(&cases).map_err(|e| e.to_string())?;
+        if let Ok(only) = std::env::var("OVLCONF_IMPLEMENTATIONS") {
+            // Narrow the matrix, e.g. to the kernel while writing scenarios.
+            let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+            if let Some(bad) = wanted
+                .iter()
+                .find(|w| !implementations.implementations.contains_key(**w))
+            {
+                return Err(format!(
+                    "OVLCONF_IMPLEMENTATIONS names `{bad}`, which cases/implementations.yaml does not define"
+                ));
+            }
+            implementations
+                .implementations
+                .retain(|name, _| wanted.contains(&name.as_str()));
+        }
         let mut probes = Vec::new();
         let mut unavailable = BTreeMap::new();
         for (name, profile) in &implementations.implementations {
@@ -703,7 +719,7 @@ impl TrialPlan {
         match problems.first() {
             None => match self.profile.declared_for(&key) {
                 Some(d) => Self::fail(format!(
-                    "expected deviation no longer occurs (remove it from cases/implementations.yaml): {} — {}",
+                    "expected deviation no longer occurs (remove it from cases/deviations/): {} — {}",
                     d.trial, d.reason
                 )),
                 None => (Ok(Completion::Completed), Status::Pass, note, stages),

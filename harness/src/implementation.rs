@@ -1,8 +1,9 @@
 //! The implementations under test and their profiles
 //! (`cases/implementations.yaml`): the kernel, and FUSE daemons that mount
 //! the same layer stacks. A profile says which option sets it claims to
-//! express, how its upper layer is laid out, and which deviations from the
-//! kernel's behaviour are known.
+//! express and how its upper layer is laid out; the known deviations from
+//! the kernel's behaviour live beside the scenarios, one file a chapter, in
+//! `cases/deviations/<implementation>/<area>.yaml`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,8 @@ pub struct Profile {
     #[serde(default)]
     pub option_sets: Vec<String>,
     /// Known differences from the kernel; such trials report "deviates".
-    #[serde(default)]
+    /// Filled from `cases/deviations/<name>/*.yaml`.
+    #[serde(skip)]
     pub deviations: Vec<Deviation>,
 }
 
@@ -61,9 +63,58 @@ pub struct Deviation {
 }
 
 impl Implementations {
-    pub fn load(path: &Path) -> Result<Implementations, LoadError> {
-        crate::scenario::load_yaml(path)
+    /// `cases/implementations.yaml` plus every profile's deviation files.
+    pub fn load(cases: &Path) -> Result<Implementations, LoadError> {
+        let mut all: Implementations =
+            crate::scenario::load_yaml(&cases.join("implementations.yaml"))?;
+        let root = cases.join(DEVIATIONS_DIR);
+        for (dir, area, file) in deviation_files(&root) {
+            let problem = |message: String| LoadError {
+                file: file.clone(),
+                line: 0,
+                column: 0,
+                message,
+            };
+            let Some(profile) = all.implementations.get_mut(&dir) else {
+                return Err(problem(format!(
+                    "`{dir}` is not an implementation of cases/implementations.yaml"
+                )));
+            };
+            let list: Vec<Deviation> = crate::scenario::load_yaml(&file)?;
+            for d in list {
+                // The file names the chapter, so a pattern cannot wander off.
+                let pattern_area = d.trial.split('/').nth(1).unwrap_or_default();
+                if pattern_area != area {
+                    return Err(problem(format!(
+                        "deviation `{}` is not in chapter `{area}`: patterns here read `<set>/{area}/<scenario>`",
+                        d.trial
+                    )));
+                }
+                profile.deviations.push(d);
+            }
+        }
+        Ok(all)
     }
+}
+
+/// Below `cases/`: `<implementation>/<area>.yaml`, lists of deviations.
+pub const DEVIATIONS_DIR: &str = "deviations";
+
+/// (implementation, area, file) for every deviation file, sorted.
+fn deviation_files(root: &Path) -> Vec<(String, String, PathBuf)> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            let p = f.path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                let area = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                out.push((name.clone(), area, p));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 impl Profile {

@@ -50,7 +50,7 @@ pub fn backend_for(
     cases_root: &std::path::Path,
     implementation: &str,
 ) -> Result<mount::Backend, String> {
-    let impls = Implementations::load(&cases_root.join("implementations.yaml"))
+    let impls = Implementations::load(cases_root)
         .map_err(|e| e.to_string())?;
     let profile = impls
         .implementations
