@@ -50,8 +50,7 @@ pub fn backend_for(
     cases_root: &std::path::Path,
     implementation: &str,
 ) -> Result<mount::Backend, String> {
-    let impls = Implementations::load(cases_root)
-        .map_err(|e| e.to_string())?;
+    let impls = Implementations::load(cases_root).map_err(|e| e.to_string())?;
     let profile = impls
         .implementations
         .get(implementation)
