@@ -147,8 +147,9 @@ pub fn check(sc: &Scenario, obs: &Observation, ctx: &TrialContext) -> Vec<String
             }
         }
         if let Some(want) = b.d_ino_matches {
+            // Entries where d_ino promises nothing (None) are left out.
             for (p, n) in &obs.merged {
-                if n.d_ino_matches != Some(want) {
+                if n.d_ino_matches.is_some_and(|m| m != want) {
                     out.push(format!(
                         "{at}: d_ino == st_ino for `{p}` is {:?}, expected {want}",
                         n.d_ino_matches
@@ -209,6 +210,30 @@ fn step_details(op: &Op, got: &StepObs, obs: &Observation, at: &str, out: &mut V
                 eq("value", v, got.data.as_deref());
             }
         }
+        Op::ReadMap(a) => {
+            if let Some(d) = &a.data {
+                eq("mapped data", d, got.data.as_deref());
+            }
+        }
+        Op::Lsattr(a) => {
+            if let Some(flags) = &a.flags {
+                let want: BTreeSet<&String> = flags.iter().collect();
+                let have: BTreeSet<&String> = got.names.iter().flatten().collect();
+                if want != have {
+                    out.push(format!("{at}: inode flags expected {want:?}, got {have:?}"));
+                }
+            }
+        }
+        Op::Syncfs(a) | Op::Fsync(a) => {
+            if let Some(want) = a.upper_writes {
+                if got.upper_writes != Some(want) {
+                    out.push(format!(
+                        "{at}: upper device writes expected {want}, got {:?}",
+                        got.upper_writes
+                    ));
+                }
+            }
+        }
         Op::Listxattr(a) => {
             if let Some(names) = &a.names {
                 let want: BTreeSet<&String> = names.iter().collect();
@@ -243,6 +268,11 @@ fn step_details(op: &Op, got: &StepObs, obs: &Observation, at: &str, out: &mut V
                 st.rdev.clone().unwrap_or_default(),
             );
             field("st_dev class", a.dev.clone(), st.dev.clone());
+            field(
+                "atime",
+                a.atime.map(|t| t.to_string()),
+                st.atime.clone().unwrap_or_default(),
+            );
             if let Some(other) = &a.same_as {
                 match obs.identities.get(other) {
                     Some(c) if *c == st.ino => {}
@@ -282,9 +312,9 @@ fn step_details(op: &Op, got: &StepObs, obs: &Observation, at: &str, out: &mut V
             }
             if let Some(want) = a.d_ino_matches {
                 for (n, e) in &entries {
-                    if e.d_ino_matches != want {
+                    if e.d_ino_matches.is_some_and(|m| m != want) {
                         out.push(format!(
-                            "{at}: d_ino == st_ino for `{n}` is {}, expected {want}",
+                            "{at}: d_ino == st_ino for `{n}` is {:?}, expected {want}",
                             e.d_ino_matches
                         ));
                     }

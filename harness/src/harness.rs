@@ -640,6 +640,12 @@ impl TrialPlan {
             if sc.spec.mount.api == crate::scenario::MountApi::Fsopen {
                 return Self::skip("the scenario mounts through the kernel's new mount API".into());
             }
+            if sc.spec.layers.nested.is_some() || sc.uses_extra_mount() {
+                return Self::skip(
+                    "the scenario stacks a second kernel overlay mount (nested or extra_mount)"
+                        .into(),
+                );
+            }
             match features
                 .implementation_sets
                 .get(&self.implementation)
@@ -680,7 +686,22 @@ impl TrialPlan {
         let (obs, mut stages) = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
             Ok(ChildResult::Observed(o, st)) => (*o, st),
             Ok(_) => return Self::fail("trial child answered with something else".into()),
-            Err(e) => return Self::fail(e),
+            Err(e) => {
+                // A daemon may fail so early that nothing is observed
+                // (e.g. EIO on its root); that too can be a known deviation.
+                return match self.profile.deviation(&self.key(), &e) {
+                    Some(d) if !self.profile.is_kernel() => {
+                        let why = format!("deviates (expected): {} — trial error: {e}", d.reason);
+                        (
+                            Ok(Completion::ignored_with(why.clone())),
+                            Status::Deviates,
+                            why,
+                            BTreeMap::new(),
+                        )
+                    }
+                    _ => Self::fail(e),
+                };
+            }
         };
         let ctx = TrialContext {
             set_name: &self.set_name,

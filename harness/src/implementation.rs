@@ -105,10 +105,18 @@ fn deviation_files(root: &Path) -> Vec<(String, String, PathBuf)> {
     let mut out = Vec::new();
     for dir in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = dir.file_name().to_string_lossy().into_owned();
-        for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let p = f.path();
             if p.extension().is_some_and(|x| x == "yaml") {
-                let area = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                let area = p
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((name.clone(), area, p));
             }
         }

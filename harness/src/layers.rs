@@ -17,7 +17,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 
 use crate::matrix::{OptionSet, Placement};
-use crate::scenario::{FsKind, LayersSpec, NodeSpec, TreeSpec, WhiteoutForm};
+use crate::scenario::{FsKind, LayersSpec, NestedSpec, NodeSpec, TreeSpec, WhiteoutForm};
 
 /// Everything inside a trial lives below this path, on the trial's tmpfs.
 pub const TRIAL_ROOT: &str = "/tmp/ovlconf";
@@ -35,6 +35,8 @@ pub struct Stack {
     pub devs: BTreeMap<String, u64>,
     /// `trusted.` or `user.`: where overlay keeps its private xattrs.
     pub xattr_prefix: &'static str,
+    /// The inner overlay's mount point, for nested stacks.
+    pub nested: Option<PathBuf>,
 }
 
 impl Stack {
@@ -62,9 +64,8 @@ pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Resul
     let merged = root.join("merged");
     fs::create_dir_all(&merged)?;
 
-    let mut names: Vec<String> = (0..layers.lower.len())
-        .map(|i| format!("lower{i}"))
-        .collect();
+    let lower_count = layers.lower.len() + layers.empty_lower_layers;
+    let mut names: Vec<String> = (0..lower_count).map(|i| format!("lower{i}")).collect();
     names.extend((0..layers.data.len()).map(|i| format!("data{i}")));
     if layers.upper.is_some() {
         names.push("upper".into());
@@ -99,8 +100,14 @@ pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Resul
         merged,
         devs: BTreeMap::new(),
         xattr_prefix: prefix,
+        nested: None,
     };
-    for (i, tree) in layers.lower.iter().enumerate() {
+    let empty = TreeSpec::new();
+    let lower_trees = layers
+        .lower
+        .iter()
+        .chain(std::iter::repeat_n(&empty, layers.empty_lower_layers));
+    for (i, tree) in lower_trees.enumerate() {
         let name = format!("lower{i}");
         let dir = fs_of[&name].join(&name);
         fs::create_dir_all(&dir)?;
@@ -130,7 +137,72 @@ pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Resul
             .devs
             .insert(n.clone(), nix::sys::stat::stat(dir)?.st_dev);
     }
+    if let Some(nested) = &layers.nested {
+        stack.nested = Some(build_nested(&root, nested, prefix)?);
+    }
+    for n in &layers.read_only {
+        let dir = stack.layer_dir(n).expect("validated layer name");
+        // A read-only bind mount of the layer onto itself.
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )?;
+    }
     Ok(stack)
+}
+
+/// The inner overlay of a nested stack, on its own tmpfs, mounted with
+/// mount(2); the trial's namespace takes it down with everything else.
+fn build_nested(root: &Path, spec: &NestedSpec, prefix: &str) -> io::Result<PathBuf> {
+    let base = root.join("nested");
+    make_fs(root, "nested", FsKind::Tmpfs, &base)?;
+    let mut lowers = Vec::new();
+    for (i, tree) in spec.lower.iter().enumerate() {
+        let dir = base.join(format!("lower{i}"));
+        fs::create_dir_all(&dir)?;
+        populate(&dir, tree, prefix)?;
+        lowers.push(dir.display().to_string());
+    }
+    let mut opts = format!("lowerdir={}", lowers.join(":"));
+    if let Some(tree) = &spec.upper {
+        let (upper, work) = (base.join("upper"), base.join("work"));
+        fs::create_dir_all(&upper)?;
+        fs::create_dir_all(&work)?;
+        populate(&upper, tree, prefix)?;
+        opts.push_str(&format!(
+            ",upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        ));
+    }
+    if prefix == "user." {
+        opts.push_str(",userxattr");
+    }
+    let merged = base.join("merged");
+    fs::create_dir_all(&merged)?;
+    mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| io::Error::other(format!("mounting the nested overlay ({opts}): {e}")))?;
+    Ok(merged)
+}
+
+/// Swap a layer's directory for a new, empty one at the same path.
+pub fn recreate(dir: &Path) -> io::Result<()> {
+    let aside = dir.with_extension("replaced");
+    fs::rename(dir, &aside)?;
+    fs::create_dir(dir)?;
+    let st = nix::sys::stat::stat(&aside)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(st.st_mode & 0o7777))?;
+    Ok(())
 }
 
 /// A fresh filesystem at `dir`: a tmpfs, or a loop image on the trial tmpfs.
@@ -229,6 +301,12 @@ pub fn populate(dir: &Path, tree: &TreeSpec, prefix: &str) -> io::Result<()> {
             )
             .map_err(|e| ctx(rel, e.into()))?;
         }
+    }
+    // Last: an immutable inode refuses every change above.
+    for (rel, node) in tree.iter().filter(|(_, n)| !n.value.attr_flags.is_empty()) {
+        let f = fs::File::open(dir.join(rel)).map_err(|e| ctx(rel, e))?;
+        crate::steps::change_attr_flags(&f, &node.value.attr_flags, &[])
+            .map_err(|e| ctx(rel, e.into()))?;
     }
     Ok(())
 }

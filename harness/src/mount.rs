@@ -45,7 +45,7 @@ pub fn options(stack: &Stack, set: &OptionSet, spec: &MountSpec) -> String {
     opts.join(",")
 }
 
-/// `$LOWER0`, `$UPPER`, `$WORK`, `$DATA0`, `$MERGED`, `$ROOT` -> paths.
+/// `$LOWER0`, `$UPPER`, `$WORK`, `$DATA0`, `$NESTED`, `$MERGED`, `$ROOT` -> paths.
 pub fn expand(s: &str, stack: &Stack) -> String {
     let mut out = s.to_string();
     // Longest names first so `$LOWER10` is not read as `$LOWER1` + `0`.
@@ -60,6 +60,9 @@ pub fn expand(s: &str, stack: &Stack) -> String {
     }
     if let Some(w) = &stack.work {
         out = out.replace("$WORK", &w.display().to_string());
+    }
+    if let Some(n) = &stack.nested {
+        out = out.replace("$NESTED", &n.display().to_string());
     }
     out = out.replace("$MERGED", &stack.merged.display().to_string());
     out.replace("$ROOT", &stack.root.display().to_string())
@@ -354,8 +357,18 @@ pub fn mount_fsopen(stack: &Stack, params: &[String]) -> Outcome {
         Ok(fd) => fd,
         Err(e) => return err(e),
     };
+    // `$LOWER*` in a parameter repeats it once for every lower layer.
+    let params: Vec<String> = params
+        .iter()
+        .flat_map(|p| match p.contains("$LOWER*") {
+            true => (0..stack.lowers.len())
+                .map(|i| p.replace("$LOWER*", &format!("$LOWER{i}")))
+                .collect(),
+            false => vec![p.clone()],
+        })
+        .collect();
     let result = (|| {
-        for p in params {
+        for p in &params {
             let p = expand(p, stack);
             match p.split_once('=') {
                 Some((key, value)) => match value.strip_prefix("fd:") {

@@ -104,6 +104,9 @@ pub struct StepObs {
     pub entries: Option<BTreeMap<String, EntryObs>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsid: Option<String>,
+    /// syncfs/fsync: whether the upper layer's block device wrote sectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_writes: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,12 +122,17 @@ pub struct StatObs {
     pub rdev: Option<String>,
     pub dev: String,
     pub ino: String,
+    /// Only when a step asks: an old time, or `recent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryObs {
     pub d_type: String,
-    pub d_ino_matches: bool,
+    /// None where it is not meaningful (see Observer::d_ino_matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_ino_matches: Option<bool>,
 }
 
 /// Names equivalence classes of raw values in order of first sight, so the
@@ -163,11 +171,34 @@ pub struct Observer {
     pub identities: Classes<(String, u64)>,
     pub fsids: Classes<String>,
     pub started: i64,
+    /// Directories' st_ino come from a per-mount counter.
+    pub dir_ino_synthetic: bool,
 }
 
 impl Observer {
+    /// Whether d_ino equals st_ino, where that means something: a
+    /// directory's st_ino from overlay's per-mount counter (layers on several
+    /// filesystems, no xino) equals its d_ino only by chance.
+    pub fn d_ino_matches(&self, st: &nix::sys::stat::FileStat, d_ino: u64) -> Option<bool> {
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && self.dir_ino_synthetic {
+            return None;
+        }
+        Some(st.st_ino == d_ino)
+    }
+
+    /// Call after mounting, with the options mountinfo shows.
+    pub fn note_mount_options(&mut self, options: &[String]) {
+        let mut devs: Vec<u64> = self.layer_devs.values().copied().collect();
+        devs.sort();
+        devs.dedup();
+        let xino = options.iter().any(|o| o == "xino=on");
+        self.dir_ino_synthetic = devs.len() > 1 && !xino;
+    }
+
     pub fn new(stack: &Stack) -> Self {
         Observer {
+            dir_ino_synthetic: false,
             overlay_dev: 0,
             pseudo_devs: Classes::new("pseudo"),
             layer_devs: stack.devs.clone(),
@@ -215,6 +246,7 @@ impl Observer {
             rdev: matches!(kind, "chardev" | "blockdev").then(|| rdev(st.st_rdev)),
             dev: self.dev_class(st.st_dev),
             ino: self.identity(st),
+            atime: None,
         }
     }
 
@@ -256,7 +288,7 @@ impl Observer {
                 let mut node = self.node(&path, &st, false)?;
                 node.dev = Some(self.dev_class(st.st_dev));
                 node.ino = Some(self.identity(&st));
-                node.d_ino_matches = Some(entry.ino == st.st_ino);
+                node.d_ino_matches = self.d_ino_matches(&st, entry.ino);
                 if entry.d_type != node.kind && entry.d_type != "unknown" {
                     node.d_type = Some(entry.d_type.clone());
                 }

@@ -36,6 +36,18 @@ pub const FEATURES: &[(&str, &str)] = &[
         "overlay_fs_context",
         "overlay parses fsconfig parameters itself (its own fs_context, not the VFS legacy one): fsconfig refuses an unknown parameter at once",
     ),
+    (
+        "data_only_without_metacopy",
+        "lowerdir=a::b data-only layers without metacopy=on (6.16+; 6.5-6.15 refuse them)",
+    ),
+    (
+        "layer_fds",
+        "fsconfig_set_fd of lowerdir+ / upperdir / workdir: layers passed as file descriptors (6.13+)",
+    ),
+    (
+        "override_creds_option",
+        "the override_creds / nooverride_creds mount flags (6.15+)",
+    ),
     ("uuid_null", "the uuid=null mount option"),
     (
         "uuid_auto",
@@ -128,6 +140,7 @@ pub fn probe_implementations(
                     merged: dir.join("m"),
                     devs: Default::default(),
                     xattr_prefix: "trusted.",
+                    nested: None,
                 };
                 let set = crate::matrix::OptionSet {
                     options: options.clone(),
@@ -185,6 +198,21 @@ pub fn probe_all(root: bool) -> Features {
             probe_overlay(
                 &base.join("dol"),
                 "lowerdir=$L::$D,upperdir=$U,workdir=$W,metacopy=on",
+            ),
+        ),
+        (
+            "data_only_without_metacopy",
+            probe_overlay(
+                &base.join("dolnm"),
+                "lowerdir=$L::$D,upperdir=$U,workdir=$W",
+            ),
+        ),
+        ("layer_fds", probe_layer_fds(&base.join("lfd"))),
+        (
+            "override_creds_option",
+            probe_overlay(
+                &base.join("oc"),
+                "lowerdir=$L,upperdir=$U,workdir=$W,override_creds",
             ),
         ),
         ("new_mount_api", probe_fsopen(None)),
@@ -404,6 +432,34 @@ fn probe_fsopen(append_dir: Option<&Path>) -> Result<(), String> {
     fsconfig_create(&fs).map_err(|e| {
         format!(
             "fsconfig create with lowerdir+: {}",
+            crate::errno::name(e.raw_os_error())
+        )
+    })
+}
+
+/// Every layer as an O_PATH fd through fsconfig_set_fd.
+fn probe_layer_fds(dir: &Path) -> Result<(), String> {
+    use rustix::mount::{fsconfig_create, fsconfig_set_fd, fsopen, FsOpenFlags};
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| format!("fsopen(overlay): {}", crate::errno::name(e.raw_os_error())))?;
+    scratch(dir)?;
+    for (key, sub) in [("lowerdir+", "l"), ("upperdir", "u"), ("workdir", "w")] {
+        let fd = rustix::fs::open(
+            dir.join(sub),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| errtext("open O_PATH", e))?;
+        fsconfig_set_fd(&fs, key, &fd).map_err(|e| {
+            format!(
+                "fsconfig_set_fd {key}: {}",
+                crate::errno::name(e.raw_os_error())
+            )
+        })?;
+    }
+    fsconfig_create(&fs).map_err(|e| {
+        format!(
+            "fsconfig create with layer fds: {}",
             crate::errno::name(e.raw_os_error())
         )
     })

@@ -118,12 +118,43 @@ pub struct LayersSpec {
     #[serde(default)]
     #[schemars(with = "Vec<BTreeMap<String, NodeSpec>>")]
     pub data: Vec<TreeSpec>,
+    /// This many empty lower layers after `lower` (for the layer limit).
+    #[serde(default)]
+    pub empty_lower_layers: usize,
+    /// An inner overlay, mounted before the scenario's own at `$NESTED`, to
+    /// stack overlays (as a lower layer, or refused as an upper).
+    #[serde(default)]
+    pub nested: Option<NestedSpec>,
+    /// Layers (`upper`, `lower0`, ...) whose directory is bind-mounted
+    /// read-only before the overlay is mounted.
+    #[serde(default)]
+    pub read_only: Vec<String>,
+}
+
+/// The inner overlay of a nested stack: its own lowers and optional upper,
+/// always mounted with mount(2) by the kernel.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NestedSpec {
+    #[schemars(with = "Vec<BTreeMap<String, NodeSpec>>")]
+    pub lower: Vec<TreeSpec>,
+    #[serde(default)]
+    #[schemars(with = "Option<BTreeMap<String, NodeSpec>>")]
+    pub upper: Option<TreeSpec>,
 }
 
 impl LayersSpec {
-    /// Every layer's tree: lowers, the upper, data-only layers.
+    /// Every layer's tree: lowers, the upper, data-only layers, nested ones.
     pub fn trees(&self) -> impl Iterator<Item = &TreeSpec> {
-        self.lower.iter().chain(&self.upper).chain(&self.data)
+        let nested = self
+            .nested
+            .iter()
+            .flat_map(|n| n.lower.iter().chain(&n.upper));
+        self.lower
+            .iter()
+            .chain(&self.upper)
+            .chain(&self.data)
+            .chain(nested)
     }
 }
 
@@ -162,6 +193,10 @@ pub struct NodeSpec {
     pub d_ino_matches: Option<bool>,
     /// Expectation only: the file has fewer blocks than its size needs.
     pub sparse: Option<bool>,
+    /// Layers only: inode flags set with FS_IOC_SETFLAGS after everything
+    /// else (`immutable`, `append`, `nodump`, `noatime`).
+    #[serde(default)]
+    pub attr_flags: Vec<String>,
     /// Name -> value. Names starting `overlay.` get the mount's xattr prefix
     /// (`trusted.` or `user.`). In expectations `~` means "must be absent" and
     /// `"<any>"` means "present with any value".
@@ -300,6 +335,27 @@ pub struct StepSpec {
     /// Change options of the live mount: mount(2) MS_REMOUNT or fspick +
     /// FSCONFIG_CMD_RECONFIGURE.
     pub remount: Option<RemountArgs>,
+    /// flock(2) on a named fd, never blocking (EWOULDBLOCK when held).
+    pub flock: Option<FlockArgs>,
+    /// mmap(MAP_SHARED, PROT_READ) of a named fd, kept under a name.
+    pub mmap: Option<MmapArgs>,
+    /// Read a mapping's bytes (up to the first NUL or its length).
+    pub read_map: Option<ReadMapArgs>,
+    /// name_to_handle_at: encode a file handle and keep it under a name.
+    pub handle: Option<HandleArgs>,
+    /// open_by_handle_at with a kept handle (through the overlay's root).
+    pub open_handle: Option<OpenHandleArgs>,
+    /// FS_IOC_SETFLAGS: set and clear inode flags.
+    pub chattr: Option<ChattrArgs>,
+    /// FS_IOC_GETFLAGS: the inode flags, compared as a set.
+    pub lsattr: Option<LsattrArgs>,
+    /// syncfs(2) on the filesystem of a merged path.
+    pub syncfs: Option<SyncArgs>,
+    /// fsync(2) of a named fd.
+    pub fsync: Option<SyncArgs>,
+    /// Mount a second overlay with this option string at `$ROOT/extra`,
+    /// then unmount it; the outcome is the mount's.
+    pub extra_mount: Option<ExtraMountArgs>,
 
     /// Run the operation as this user (a forked child with all ids set).
     #[serde(rename = "as")]
@@ -318,6 +374,9 @@ pub struct StepSpec {
 #[serde(deny_unknown_fields)]
 pub struct OpenArgs {
     pub path: String,
+    /// Open the path in this layer's directory (`lower0`, `upper`, ...)
+    /// instead of the merged view: a change behind the overlay's back.
+    pub layer: Option<String>,
     #[serde(default)]
     pub flags: Vec<String>,
     pub mode: Option<u32>,
@@ -488,6 +547,7 @@ pub struct RemovexattrArgs {
 pub struct StatArgs {
     /// A path in the merged view, or
     pub path: Option<String>,
+    /// with `layer`, a path in that layer's directory,
     /// a named fd (fstat).
     pub fd: Option<String>,
     #[serde(rename = "type")]
@@ -500,6 +560,10 @@ pub struct StatArgs {
     pub rdev: Option<[u32; 2]>,
     /// Expected st_dev class: overlay, upper, lower0.., data0.., other.
     pub dev: Option<String>,
+    /// Expected st_atime (seconds); a recent time shows as `recent`.
+    pub atime: Option<i64>,
+    /// The layer of `path` (see `open`).
+    pub layer: Option<String>,
     /// Remember (st_dev, st_ino) under this name.
     pub capture: Option<String>,
     /// Expect the same (st_dev, st_ino) as an earlier capture.
@@ -543,6 +607,91 @@ pub struct OfflineArgs {
     pub add: TreeSpec,
     #[serde(default)]
     pub remove: Vec<String>,
+    /// Replace the layer's directory by a new, empty one (a different
+    /// inode) before `add`: "the same path, another layer".
+    #[serde(default)]
+    pub recreate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlockArgs {
+    pub fd: String,
+    /// `exclusive`, `shared` or `unlock`.
+    pub lock: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MmapArgs {
+    pub fd: String,
+    /// Name of the mapping for `read_map`.
+    pub map: String,
+    /// Bytes to map (default 4096).
+    pub len: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadMapArgs {
+    pub map: String,
+    /// Expected bytes.
+    pub data: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandleArgs {
+    pub path: String,
+    /// Name to keep the handle under (it survives mount cycles).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenHandleArgs {
+    pub handle: String,
+    /// Keep the opened fd under this name (e.g. to read it).
+    pub fd: Option<String>,
+    /// O_* flags (default O_RDONLY).
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChattrArgs {
+    pub path: String,
+    #[serde(default)]
+    pub set: Vec<String>,
+    #[serde(default)]
+    pub clear: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LsattrArgs {
+    pub path: String,
+    /// Expected flags (of those `attr_flags` knows), as a set.
+    pub flags: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncArgs {
+    /// syncfs: a merged path; fsync: a named fd.
+    pub path: Option<String>,
+    pub fd: Option<String>,
+    /// Whether the upper layer's block device wrote anything during the
+    /// call (loop-backed layers only: `fs: ext4|xfs|btrfs`).
+    pub upper_writes: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraMountArgs {
+    /// The option string; `$LOWER0`, `$UPPER`, ... expand as in `mount.raw`.
+    pub raw: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
@@ -689,13 +838,33 @@ pub enum Op {
     DropCaches,
     Offline(OfflineArgs),
     Remount(RemountArgs),
+    Flock(FlockArgs),
+    Mmap(MmapArgs),
+    ReadMap(ReadMapArgs),
+    Handle(HandleArgs),
+    OpenHandle(OpenHandleArgs),
+    Chattr(ChattrArgs),
+    Lsattr(LsattrArgs),
+    Syncfs(SyncArgs),
+    Fsync(SyncArgs),
+    ExtraMount(ExtraMountArgs),
+}
+
+impl Scenario {
+    /// Whether a step mounts a second kernel overlay.
+    pub fn uses_extra_mount(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.op, Op::ExtraMount(_)))
+    }
 }
 
 impl Op {
     /// A short, deterministic label for reports and snapshots.
     pub fn label(&self) -> String {
         match self {
-            Op::Open(a) => format!("open {} [{}]", a.path, a.flags.join("|")),
+            Op::Open(a) => match &a.layer {
+                Some(l) => format!("open {l}:{} [{}]", a.path, a.flags.join("|")),
+                None => format!("open {} [{}]", a.path, a.flags.join("|")),
+            },
             Op::Read(a) => format!("read {}", a.fd),
             Op::Write(a) => format!("write {} ({} bytes)", a.fd, a.data.len()),
             Op::Close(fd) => format!("close {fd}"),
@@ -734,12 +903,30 @@ impl Op {
             Op::Remount(a) => {
                 format!("remount ({:?}) {}", a.api, a.options.join(",")).to_lowercase()
             }
+            Op::Flock(a) => format!("flock {} {}", a.fd, a.lock),
+            Op::Mmap(a) => format!("mmap {} as {}", a.fd, a.map),
+            Op::ReadMap(a) => format!("read map {}", a.map),
+            Op::Handle(a) => format!("name_to_handle_at {} as {}", a.path, a.name),
+            Op::OpenHandle(a) => format!("open_by_handle_at {}", a.handle),
+            Op::Chattr(a) => format!(
+                "chattr {} +[{}] -[{}]",
+                a.path,
+                a.set.join(","),
+                a.clear.join(",")
+            ),
+            Op::Lsattr(a) => format!("lsattr {}", a.path),
+            Op::Syncfs(a) => format!("syncfs {}", a.path.as_deref().unwrap_or("")),
+            Op::Fsync(a) => format!("fsync {}", a.fd.as_deref().unwrap_or("")),
+            Op::ExtraMount(_) => "extra mount".into(),
         }
     }
 }
 
 fn stat_target(a: &StatArgs) -> String {
     match (&a.path, &a.fd) {
+        (Some(p), _) if a.layer.is_some() => {
+            format!("{}:{p}", a.layer.as_deref().unwrap_or(""))
+        }
         (Some(p), _) => p.clone(),
         (None, Some(fd)) => format!("fd {fd}"),
         _ => String::new(),
@@ -851,7 +1038,15 @@ pub fn parse(
             ));
         }
     }
-    if spec.layers.lower.len() > MAX_LOWER_LAYERS {
+    for l in &spec.layers.read_only {
+        if !layer_names(&spec.layers).contains(l) {
+            return Err(err_at(
+                Pos { line: 1, column: 1 },
+                format!("`read_only` names `{l}`, which is not a layer of this scenario"),
+            ));
+        }
+    }
+    if spec.layers.lower.len() + spec.layers.empty_lower_layers > MAX_LOWER_LAYERS {
         return Err(err_at(
             Pos { line: 1, column: 1 },
             format!("more than {MAX_LOWER_LAYERS} lower layers"),
@@ -1012,6 +1207,18 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
             if n.opaque.is_some() && n.dir != Some(true) {
                 return Err(self.at(at, format!("`{path}`: only a directory can be opaque")));
             }
+            if let Some(f) = n
+                .attr_flags
+                .iter()
+                .find(|f| crate::steps::attr_flag(f).is_none())
+            {
+                return Err(self.at(
+                    at,
+                    format!(
+                        "`{path}`: unknown inode flag `{f}` (immutable, append, nodump, noatime)"
+                    ),
+                ));
+            }
             if n.size.is_some_and(|s| s > MAX_FILE_SIZE) {
                 return Err(self.at(at, format!("`{path}`: size larger than {MAX_FILE_SIZE}")));
             }
@@ -1115,6 +1322,16 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
         take!(statfs, Op::Statfs);
         take!(offline, Op::Offline);
         take!(remount, Op::Remount);
+        take!(flock, Op::Flock);
+        take!(mmap, Op::Mmap);
+        take!(read_map, Op::ReadMap);
+        take!(handle, Op::Handle);
+        take!(open_handle, Op::OpenHandle);
+        take!(chattr, Op::Chattr);
+        take!(lsattr, Op::Lsattr);
+        take!(syncfs, Op::Syncfs);
+        take!(fsync, Op::Fsync);
+        take!(extra_mount, Op::ExtraMount);
         if st.mount_cycle == Some(true) {
             ops.push(Op::MountCycle);
         }
@@ -1138,6 +1355,19 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
         for p in op_paths(&op) {
             check_step_path(p).map_err(|m| self.at(at, format!("path `{p}`: {m}")))?;
         }
+        let known_layer = |l: &str| -> Result<(), LoadError> {
+            let known = layer_names(layers);
+            if known.contains(l) {
+                return Ok(());
+            }
+            Err(self.at(
+                at,
+                format!(
+                    "unknown layer `{l}`; this scenario has {}",
+                    known.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        };
         match &op {
             Op::Open(a) => {
                 for f in &a.flags {
@@ -1145,6 +1375,38 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
                         return Err(self.at(at, format!("unknown open flag `{f}`")));
                     }
                 }
+                if let Some(l) = &a.layer {
+                    known_layer(l)?;
+                }
+            }
+            Op::OpenHandle(a) => {
+                for f in &a.flags {
+                    if crate::steps::open_flag(f).is_none() {
+                        return Err(self.at(at, format!("unknown open flag `{f}`")));
+                    }
+                }
+            }
+            Op::Stat(a) | Op::Lstat(a) if a.layer.is_some() && a.path.is_none() => {
+                return Err(self.at(at, "`layer` needs `path`".into()));
+            }
+            Op::Flock(a) if crate::steps::flock_arg(&a.lock).is_none() => {
+                return Err(self.at(
+                    at,
+                    format!("unknown lock `{}` (exclusive, shared, unlock)", a.lock),
+                ));
+            }
+            Op::Chattr(a) => {
+                for f in a.set.iter().chain(&a.clear) {
+                    if crate::steps::attr_flag(f).is_none() {
+                        return Err(self.at(at, format!("unknown inode flag `{f}`")));
+                    }
+                }
+            }
+            Op::Syncfs(a) if a.path.is_none() => {
+                return Err(self.at(at, "syncfs needs `path`".into()));
+            }
+            Op::Fsync(a) if a.fd.is_none() => {
+                return Err(self.at(at, "fsync needs `fd`".into()));
             }
             Op::Rename(a) => {
                 for f in &a.flags {
@@ -1163,7 +1425,10 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
                 return Err(self.at(at, "readdir needs exactly one of `path` and `fd`".into()));
             }
             Op::Offline(a) => {
-                let known = layer_names(layers);
+                let mut known = layer_names(layers);
+                if layers.upper.is_some() {
+                    known.insert("work".into());
+                }
                 if !known.contains(&a.layer) {
                     return Err(self.at(
                         at,
@@ -1274,6 +1539,10 @@ fn op_paths(op: &Op) -> Vec<&str> {
         Op::Stat(a) | Op::Lstat(a) => a.path.iter().map(|s| s.as_str()).collect(),
         Op::Readdir(a) => a.path.iter().map(|s| s.as_str()).collect(),
         Op::Statfs(a) => vec![&a.path],
+        Op::Handle(a) => vec![&a.path],
+        Op::Chattr(a) => vec![&a.path],
+        Op::Lsattr(a) => vec![&a.path],
+        Op::Syncfs(a) => a.path.iter().map(|s| s.as_str()).collect(),
         _ => vec![],
     }
 }

@@ -31,7 +31,89 @@ pub struct Ctx<'a> {
     /// Raw (st_dev, st_ino) of each capture name, for same_as/differs_from.
     pub captures: BTreeMap<String, String>,
     pub fsid_captures: BTreeMap<String, String>,
+    /// Encoded file handles by name: `struct file_handle` bytes.
+    pub handles: BTreeMap<String, Vec<u8>>,
+    /// Shared read-only mappings by name.
+    pub maps: BTreeMap<String, Mapping>,
 }
+
+/// A MAP_SHARED, PROT_READ mapping, unmapped on drop.
+pub struct Mapping {
+    ptr: *mut std::ffi::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is a live read-only mapping owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by mmap with this length.
+        let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
+    }
+}
+
+pub fn flock_arg(name: &str) -> Option<rustix::fs::FlockOperation> {
+    use rustix::fs::FlockOperation as F;
+    match name {
+        "exclusive" => Some(F::NonBlockingLockExclusive),
+        "shared" => Some(F::NonBlockingLockShared),
+        "unlock" => Some(F::NonBlockingUnlock),
+        _ => None,
+    }
+}
+
+/// The inode flags scenarios may name (FS_IOC_SETFLAGS bits).
+pub const ATTR_FLAGS: &[(&str, rustix::fs::IFlags)] = &[
+    ("immutable", rustix::fs::IFlags::IMMUTABLE),
+    ("append", rustix::fs::IFlags::APPEND),
+    ("nodump", rustix::fs::IFlags::NODUMP),
+    ("noatime", rustix::fs::IFlags::NOATIME),
+];
+
+pub fn attr_flag(name: &str) -> Option<rustix::fs::IFlags> {
+    ATTR_FLAGS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+/// Names of the known flags set in `flags`, in table order.
+pub fn attr_flag_names(flags: rustix::fs::IFlags) -> Vec<String> {
+    ATTR_FLAGS
+        .iter()
+        .filter(|(_, f)| flags.contains(*f))
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// Set and clear inode flags of an open file.
+pub fn change_attr_flags(
+    fd: impl AsFd,
+    set: &[String],
+    clear: &[String],
+) -> rustix::io::Result<()> {
+    let mut flags = rustix::fs::ioctl_getflags(&fd)?;
+    for f in set.iter().filter_map(|n| attr_flag(n)) {
+        flags |= f;
+    }
+    for f in clear.iter().filter_map(|n| attr_flag(n)) {
+        flags &= !f;
+    }
+    rustix::fs::ioctl_setflags(&fd, flags)
+}
+
+/// Sectors written so far by the block device holding `dev` (loop-backed
+/// layers); None for filesystems without one (tmpfs, btrfs' anonymous dev).
+fn sectors_written(dev: u64) -> Option<u64> {
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let text = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    // Field 7 of the block stat file: sectors written.
+    text.split_whitespace().nth(6)?.parse().ok()
+}
+
+const MAX_HANDLE_SZ: usize = 128;
 
 pub fn open_flag(name: &str) -> Option<OFlag> {
     match name {
@@ -51,6 +133,52 @@ pub fn rename_flag(name: &str) -> Option<RenameFlags> {
 
 type StepResult = Result<StepObs, Errno>;
 
+fn rx(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// name_to_handle_at(AT_FDCWD, path, ..., 0): the handle's bytes.
+fn name_to_handle(path: &std::path::Path) -> Result<Vec<u8>, Errno> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let header = std::mem::size_of::<libc::file_handle>();
+    // u32-aligned storage for the header plus the largest handle.
+    let mut buf = vec![0u32; (header + MAX_HANDLE_SZ).div_ceil(4)];
+    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: fh points at enough zeroed, aligned bytes for the header and
+    // MAX_HANDLE_SZ bytes of handle, as handle_bytes says.
+    let r = unsafe {
+        (*fh).handle_bytes = MAX_HANDLE_SZ as u32;
+        libc::name_to_handle_at(libc::AT_FDCWD, c.as_ptr(), fh, &mut mount_id, 0)
+    };
+    Errno::result(r)?;
+    // SAFETY: the kernel filled in the header.
+    let used = header + unsafe { (*fh).handle_bytes } as usize;
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    Ok(bytes[..used].to_vec())
+}
+
+/// open_by_handle_at(mount_fd, handle, flags).
+fn open_by_handle(mount_fd: &OwnedFd, handle: &mut [u8], flags: OFlag) -> Result<OwnedFd, Errno> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut words = vec![0u32; handle.len().div_ceil(4)];
+    // SAFETY: words has at least handle.len() bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(handle.as_ptr(), words.as_mut_ptr() as *mut u8, handle.len())
+    };
+    // SAFETY: words holds a complete struct file_handle made by the kernel.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            words.as_mut_ptr() as *mut libc::file_handle,
+            flags.bits(),
+        )
+    };
+    Errno::result(fd)?;
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Ctx<'_> {
     fn path(&self, rel: &str) -> PathBuf {
         if rel == "." {
@@ -61,6 +189,26 @@ impl Ctx<'_> {
         s.push(b'/');
         s.extend_from_slice(rel.as_bytes());
         PathBuf::from(OsStr::from_bytes(&s))
+    }
+
+    /// A path in the merged view, or in a layer's directory.
+    fn path_in(&self, layer: Option<&str>, rel: &str) -> Result<PathBuf, Errno> {
+        match layer {
+            None => Ok(self.path(rel)),
+            Some(l) => Ok(self.stack.layer_dir(l).ok_or(Errno::ENOENT)?.join(rel)),
+        }
+    }
+
+    /// Whether the upper's block device wrote while `f` ran.
+    fn upper_writes<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Errno>) -> StepResult {
+        let dev = self.stack.devs.get("upper").copied();
+        let before = dev.and_then(sectors_written);
+        f(self)?;
+        let after = dev.and_then(sectors_written);
+        Ok(StepObs {
+            upper_writes: before.zip(after).map(|(b, a)| a > b),
+            ..Default::default()
+        })
     }
 
     fn fd(&self, name: &str) -> Result<&OwnedFd, Errno> {
@@ -123,7 +271,8 @@ impl Ctx<'_> {
                     flags |= open_flag(f).unwrap_or(OFlag::empty());
                 }
                 let mode = Mode::from_bits_truncate(a.mode.unwrap_or(0o644));
-                let fd = nix::fcntl::open(&self.path(&a.path), flags | OFlag::O_CLOEXEC, mode)?;
+                let path = self.path_in(a.layer.as_deref(), &a.path)?;
+                let fd = nix::fcntl::open(&path, flags | OFlag::O_CLOEXEC, mode)?;
                 if let Some(name) = &a.fd {
                     self.fds.insert(name.clone(), fd);
                 }
@@ -303,16 +452,109 @@ impl Ctx<'_> {
             }
             Op::Offline(a) => {
                 let stack = self.stack;
-                let dir = stack
-                    .layer_dir(&a.layer)
-                    .ok_or(Errno::ENOENT)?
-                    .to_path_buf();
+                let dir = match a.layer.as_str() {
+                    "work" => stack.work.clone(),
+                    l => stack.layer_dir(l).map(|p| p.to_path_buf()),
+                }
+                .ok_or(Errno::ENOENT)?;
                 self.cycle(|_| {
+                    if a.recreate {
+                        layers::recreate(&dir)?;
+                    }
                     for r in &a.remove {
                         layers::remove(&dir, r)?;
                     }
                     layers::populate(&dir, &a.add, stack.xattr_prefix)
                 })?;
+                ok()
+            }
+            Op::Flock(a) => {
+                let op = flock_arg(&a.lock).ok_or(Errno::EINVAL)?;
+                rustix::fs::flock(self.fd(&a.fd)?, op).map_err(rx)?;
+                ok()
+            }
+            Op::Mmap(a) => {
+                let len = a.len.unwrap_or(4096);
+                // SAFETY: a fresh mapping, owned by the Mapping from here on.
+                let ptr = unsafe {
+                    rustix::mm::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        rustix::mm::ProtFlags::READ,
+                        rustix::mm::MapFlags::SHARED,
+                        self.fd(&a.fd)?,
+                        0,
+                    )
+                }
+                .map_err(rx)?;
+                self.maps.insert(a.map.clone(), Mapping { ptr, len });
+                ok()
+            }
+            Op::ReadMap(a) => {
+                let map = self.maps.get(&a.map).ok_or(Errno::EBADF)?;
+                let bytes = map.bytes();
+                let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                Ok(StepObs {
+                    data: Some(String::from_utf8_lossy(&bytes[..end]).into_owned()),
+                    ..Default::default()
+                })
+            }
+            Op::Handle(a) => {
+                let handle = name_to_handle(&self.path(&a.path))?;
+                self.handles.insert(a.name.clone(), handle);
+                ok()
+            }
+            Op::OpenHandle(a) => {
+                let mut handle = self.handles.get(&a.handle).ok_or(Errno::EBADF)?.clone();
+                let mut flags = OFlag::O_CLOEXEC;
+                for f in &a.flags {
+                    flags |= open_flag(f).unwrap_or(OFlag::empty());
+                }
+                let root = nix::fcntl::open(
+                    &self.stack.merged,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
+                let fd = open_by_handle(&root, &mut handle, flags)?;
+                if let Some(name) = &a.fd {
+                    self.fds.insert(name.clone(), fd);
+                }
+                ok()
+            }
+            Op::Chattr(a) => {
+                let f = fs::File::open(self.path(&a.path)).map_err(io)?;
+                change_attr_flags(&f, &a.set, &a.clear).map_err(rx)?;
+                ok()
+            }
+            Op::Lsattr(a) => {
+                let f = fs::File::open(self.path(&a.path)).map_err(io)?;
+                let flags = rustix::fs::ioctl_getflags(&f).map_err(rx)?;
+                Ok(StepObs {
+                    names: Some(attr_flag_names(flags)),
+                    ..Default::default()
+                })
+            }
+            Op::Syncfs(a) => {
+                let path = self.path(a.path.as_deref().unwrap_or("."));
+                let f = fs::File::open(path).map_err(io)?;
+                self.upper_writes(|_| rustix::fs::syncfs(&f).map_err(rx))
+            }
+            Op::Fsync(a) => {
+                let name = a.fd.clone().unwrap_or_default();
+                self.upper_writes(|ctx| rustix::fs::fsync(ctx.fd(&name)?).map_err(rx))
+            }
+            Op::ExtraMount(a) => {
+                let target = self.stack.root.join("extra");
+                fs::create_dir_all(&target).map_err(io)?;
+                let opts = mount::expand(&a.raw, self.stack);
+                nix::mount::mount(
+                    Some("overlay"),
+                    &target,
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(opts.as_str()),
+                )?;
+                mount::unmount(&target)?;
                 ok()
             }
         }
@@ -321,6 +563,7 @@ impl Ctx<'_> {
     /// Unmount (closing every named fd), change things, mount again.
     fn cycle(&mut self, between: impl FnOnce(&Stack) -> io::Result<()>) -> Result<(), Errno> {
         self.fds.clear();
+        self.maps.clear();
         self.backend.unmount(&self.stack.merged)?;
         between(self.stack)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
@@ -337,12 +580,19 @@ impl Ctx<'_> {
 
     fn stat(&mut self, a: &StatArgs, follow: bool) -> StepResult {
         let st = match (&a.path, &a.fd) {
-            (Some(p), _) if follow => nix::sys::stat::stat(&self.path(p))?,
-            (Some(p), _) => nix::sys::stat::lstat(&self.path(p))?,
+            (Some(p), _) if follow => nix::sys::stat::stat(&self.path_in(a.layer.as_deref(), p)?)?,
+            (Some(p), _) => nix::sys::stat::lstat(&self.path_in(a.layer.as_deref(), p)?)?,
             (None, Some(fd)) => nix::sys::stat::fstat(self.fd(fd)?)?,
             (None, None) => return Err(Errno::EINVAL),
         };
-        let obs = self.observer.stat_obs(&st);
+        let mut obs = self.observer.stat_obs(&st);
+        if a.atime.is_some() {
+            obs.atime = Some(if st.st_atime < self.observer.started {
+                st.st_atime.to_string()
+            } else {
+                "recent".into()
+            });
+        }
         if let Some(name) = &a.capture {
             self.captures.insert(name.clone(), obs.ino.clone());
         }
@@ -395,7 +645,10 @@ impl Ctx<'_> {
                 e.name,
                 EntryObs {
                     d_type: e.d_type,
-                    d_ino_matches: st.is_some_and(|st| st.st_ino == e.ino),
+                    d_ino_matches: match st {
+                        Some(st) => self.observer.d_ino_matches(&st, e.ino),
+                        None => Some(false),
+                    },
                 },
             );
         }

@@ -50,8 +50,7 @@ pub fn backend_for(
     cases_root: &std::path::Path,
     implementation: &str,
 ) -> Result<mount::Backend, String> {
-    let impls = Implementations::load(cases_root)
-        .map_err(|e| e.to_string())?;
+    let impls = Implementations::load(cases_root).map_err(|e| e.to_string())?;
     let profile = impls
         .implementations
         .get(implementation)
@@ -146,12 +145,16 @@ pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> 
         observer: Observer::new(&stack),
         captures: BTreeMap::new(),
         fsid_captures: BTreeMap::new(),
+        handles: BTreeMap::new(),
+        maps: BTreeMap::new(),
     };
+    ctx.observer.note_mount_options(&obs.mount_options);
     ctx.note_mounted();
     for step in &sc.steps {
         obs.steps.push(ctx.run(step));
     }
     ctx.fds.clear();
+    ctx.maps.clear();
     clock.lap("run steps");
     // A step may have left the overlay unmounted (a failed mount cycle).
     let still_mounted = mount::mountinfo_options(&stack.merged).is_some();
