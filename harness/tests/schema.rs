@@ -58,6 +58,10 @@ fn scenario_files(dir: &Path, out: &mut Vec<PathBuf>) {
     entries.sort();
     for p in entries {
         if p.is_dir() {
+            // Deviation lists are not scenarios.
+            if p.file_name().is_some_and(|n| n == "deviations") {
+                continue;
+            }
             scenario_files(&p, out);
         } else if p.extension().is_some_and(|e| e == "yaml")
             && !NOT_SCENARIOS.contains(&p.file_name().unwrap().to_str().unwrap())
