@@ -17,7 +17,9 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 
 use crate::matrix::{OptionSet, Placement};
-use crate::scenario::{FsKind, LayersSpec, NestedSpec, NodeSpec, TreeSpec, WhiteoutForm};
+use crate::scenario::{
+    FsKind, LayersSpec, NestedSpec, NodeSpec, ProgramKind, TreeSpec, WhiteoutForm,
+};
 
 /// Everything inside a trial lives below this path, on the trial's tmpfs.
 pub const TRIAL_ROOT: &str = "/tmp/ovlconf";
@@ -206,7 +208,7 @@ pub fn recreate(dir: &Path) -> io::Result<()> {
 }
 
 /// A fresh filesystem at `dir`: a tmpfs, or a loop image on the trial tmpfs.
-fn make_fs(root: &Path, name: &str, kind: FsKind, dir: &Path) -> io::Result<()> {
+pub fn make_fs(root: &Path, name: &str, kind: FsKind, dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     if kind == FsKind::Tmpfs {
         mount(
@@ -223,7 +225,12 @@ fn make_fs(root: &Path, name: &str, kind: FsKind, dir: &Path) -> io::Result<()> 
     let img = img_dir.join(format!("{name}.img"));
     // The smallest sizes each mkfs accepts, sparse on the trial tmpfs.
     let (size, mkfs, args): (u64, &str, &[&str]) = match kind {
-        FsKind::Ext4 => (64 << 20, "mkfs.ext4", &["-q", "-F", "-O", "^has_journal"]),
+        // 4 KiB blocks so fs-verity's 4 KiB Merkle blocks fit on every kernel.
+        FsKind::Ext4 => (
+            64 << 20,
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "4096", "-O", "^has_journal,verity"],
+        ),
         FsKind::Xfs => (320 << 20, "mkfs.xfs", &["-q", "-f"]),
         FsKind::Btrfs => (128 << 20, "mkfs.btrfs", &["-q", "-f"]),
         FsKind::Tmpfs => unreachable!(),
@@ -302,11 +309,81 @@ pub fn populate(dir: &Path, tree: &TreeSpec, prefix: &str) -> io::Result<()> {
             .map_err(|e| ctx(rel, e.into()))?;
         }
     }
+    for (rel, _) in tree.iter().filter(|(_, n)| n.value.verity) {
+        enable_verity(&dir.join(rel)).map_err(|e| ctx(rel, e))?;
+    }
     // Last: an immutable inode refuses every change above.
     for (rel, node) in tree.iter().filter(|(_, n)| !n.value.attr_flags.is_empty()) {
         let f = fs::File::open(dir.join(rel)).map_err(|e| ctx(rel, e))?;
         crate::steps::change_attr_flags(&f, &node.value.attr_flags, &[])
             .map_err(|e| ctx(rel, e.into()))?;
+    }
+    Ok(())
+}
+
+/// A static x86-64 ELF executable: `loop { pause() }`. Built in, so the
+/// layer's bytes are the same on every machine and kernel.
+pub fn pause_program() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    // mov eax, 34 (pause); syscall; jmp back to the mov.
+    const CODE: [u8; 9] = [0xb8, 0x22, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7];
+    let total = HEADERS + CODE.len() as u64;
+    let mut elf = Vec::with_capacity(total as usize);
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + HEADERS).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for half in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [0, BASE, BASE, total, total, 0x1000u64] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(&CODE);
+    elf
+}
+
+/// FS_IOC_ENABLE_VERITY with SHA-256 and 4 KiB blocks, no salt.
+pub fn enable_verity(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // struct fsverity_enable_arg (linux/fsverity.h), 128 bytes.
+    #[repr(C)]
+    struct EnableArg {
+        version: u32,
+        hash_algorithm: u32,
+        block_size: u32,
+        salt_size: u32,
+        salt_ptr: u64,
+        sig_size: u32,
+        reserved1: u32,
+        sig_ptr: u64,
+        reserved2: [u64; 11],
+    }
+    const FS_IOC_ENABLE_VERITY: libc::c_ulong = 0x4080_6685;
+    let arg = EnableArg {
+        version: 1,
+        hash_algorithm: 1,
+        block_size: 4096,
+        salt_size: 0,
+        salt_ptr: 0,
+        sig_size: 0,
+        reserved1: 0,
+        sig_ptr: 0,
+        reserved2: [0; 11],
+    };
+    let f = fs::File::open(path)?;
+    // SAFETY: a valid fd and a fully initialised argument of the ioctl's size.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_ENABLE_VERITY, &arg) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("enabling fs-verity: {e}")));
     }
     Ok(())
 }
@@ -345,6 +422,13 @@ fn create(path: &Path, n: &NodeSpec, prefix: &str) -> io::Result<()> {
             .mode(FILE_MODE)
             .open(path)?
             .set_len(size)?;
+    } else if let Some(ProgramKind::Pause) = n.program {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(path)?
+            .write_all(&pause_program())?;
     } else if n.dir.is_some() {
         match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}

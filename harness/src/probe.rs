@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use nix::mount::{mount, MsFlags};
 use serde::{Deserialize, Serialize};
@@ -68,6 +67,10 @@ pub const FEATURES: &[(&str, &str)] = &[
     ("fs_ext4", "mkfs.ext4 and a loop-mounted ext4"),
     ("fs_xfs", "mkfs.xfs and a loop-mounted xfs"),
     ("fs_btrfs", "mkfs.btrfs and a loop-mounted btrfs"),
+    (
+        "fs_verity",
+        "fs-verity on the layers' ext4 (FS_IOC_ENABLE_VERITY, SHA-256, 4 KiB blocks)",
+    ),
 ];
 
 pub fn feature_names() -> Vec<&'static str> {
@@ -249,16 +252,17 @@ pub fn probe_all(root: bool) -> Features {
         ),
         (
             "fs_ext4",
-            probe_loop_fs(&base.join("ext4"), "ext4", &["-q", "-F"], 64),
+            probe_loop_fs(&base.join("ext4"), crate::scenario::FsKind::Ext4),
         ),
         (
             "fs_xfs",
-            probe_loop_fs(&base.join("xfs"), "xfs", &["-q", "-f"], 320),
+            probe_loop_fs(&base.join("xfs"), crate::scenario::FsKind::Xfs),
         ),
         (
             "fs_btrfs",
-            probe_loop_fs(&base.join("btrfs"), "btrfs", &["-q", "-f"], 128),
+            probe_loop_fs(&base.join("btrfs"), crate::scenario::FsKind::Btrfs),
         ),
+        ("fs_verity", probe_fs_verity(&base.join("verity"))),
     ];
     for (name, r) in results {
         match r {
@@ -482,39 +486,18 @@ fn probe_overlay_fs_context() -> Result<(), String> {
     }
 }
 
-fn probe_loop_fs(dir: &Path, fs_name: &str, args: &[&str], mib: u64) -> Result<(), String> {
+/// The layers' own filesystem maker, on a scratch directory.
+fn probe_loop_fs(dir: &Path, kind: crate::scenario::FsKind) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| errtext("mkdir", e))?;
-    let img = dir.join("img");
-    fs::File::create(&img)
-        .and_then(|f| f.set_len(mib << 20))
-        .map_err(|e| errtext("image", e))?;
-    let mkfs = format!("mkfs.{fs_name}");
-    let out = Command::new(&mkfs)
-        .args(args)
-        .arg(&img)
-        .output()
-        .map_err(|e| format!("{mkfs}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{mkfs} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mnt = dir.join("m");
-    fs::create_dir_all(&mnt).map_err(|e| errtext("mkdir", e))?;
-    let out = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&img)
-        .arg(&mnt)
-        .output()
-        .map_err(|e| format!("mount: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "loop mount of {fs_name} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    crate::layers::make_fs(dir, "probe", kind, &dir.join("m")).map_err(|e| e.to_string())
+}
+
+/// fs-verity on a file of the layers' ext4.
+fn probe_fs_verity(dir: &Path) -> Result<(), String> {
+    probe_loop_fs(dir, crate::scenario::FsKind::Ext4)?;
+    let f = dir.join("m/f");
+    fs::write(&f, "verity").map_err(|e| errtext("create", e))?;
+    crate::layers::enable_verity(&f).map_err(|e| e.to_string())
 }
 
 /// Run a probe in a forked child (it may enter namespaces of its own).

@@ -170,6 +170,12 @@ pub struct NodeSpec {
     pub file: Option<String>,
     /// A regular file of this size (sparse: no data written).
     pub size: Option<u64>,
+    /// Layers only: an executable built into the harness, for `exec`:
+    /// `pause`, a 129-byte static x86-64 program that waits in pause(2).
+    pub program: Option<ProgramKind>,
+    /// Layers only: enable fs-verity on this regular file (`fs: ext4`).
+    #[serde(default)]
+    pub verity: bool,
     pub dir: Option<bool>,
     pub symlink: Option<String>,
     /// Another path of the same layer to hardlink to.
@@ -202,6 +208,13 @@ pub struct NodeSpec {
     /// `"<any>"` means "present with any value".
     #[serde(default)]
     pub xattrs: BTreeMap<String, Option<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramKind {
+    /// Loops in pause(2) until killed.
+    Pause,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
@@ -356,6 +369,10 @@ pub struct StepSpec {
     /// Mount a second overlay with this option string at `$ROOT/extra`,
     /// then unmount it; the outcome is the mount's.
     pub extra_mount: Option<ExtraMountArgs>,
+    /// Start a merged-view program and keep it running under a name.
+    pub exec: Option<ExecArgs>,
+    /// Kill a program started by `exec` and wait for it.
+    pub kill: Option<String>,
 
     /// Run the operation as this user (a forked child with all ids set).
     #[serde(rename = "as")]
@@ -689,6 +706,16 @@ pub struct SyncArgs {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct ExecArgs {
+    pub path: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Name for `kill`.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ExtraMountArgs {
     /// The option string; `$LOWER0`, `$UPPER`, ... expand as in `mount.raw`.
     pub raw: String,
@@ -848,6 +875,8 @@ pub enum Op {
     Syncfs(SyncArgs),
     Fsync(SyncArgs),
     ExtraMount(ExtraMountArgs),
+    Exec(ExecArgs),
+    Kill(String),
 }
 
 impl Scenario {
@@ -918,6 +947,8 @@ impl Op {
             Op::Syncfs(a) => format!("syncfs {}", a.path.as_deref().unwrap_or("")),
             Op::Fsync(a) => format!("fsync {}", a.fd.as_deref().unwrap_or("")),
             Op::ExtraMount(_) => "extra mount".into(),
+            Op::Exec(a) => format!("exec {} as {}", a.path, a.name),
+            Op::Kill(name) => format!("kill {name}"),
         }
     }
 }
@@ -1219,6 +1250,9 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
                     ),
                 ));
             }
+            if n.verity && n.file.is_none() && n.size.is_none() && n.program.is_none() {
+                return Err(self.at(at, format!("`{path}`: only a regular file can have verity")));
+            }
             if n.size.is_some_and(|s| s > MAX_FILE_SIZE) {
                 return Err(self.at(at, format!("`{path}`: size larger than {MAX_FILE_SIZE}")));
             }
@@ -1332,6 +1366,8 @@ impl<F: Fn(Pos, String) -> LoadError> Validator<'_, F> {
         take!(syncfs, Op::Syncfs);
         take!(fsync, Op::Fsync);
         take!(extra_mount, Op::ExtraMount);
+        take!(exec, Op::Exec);
+        take!(kill, Op::Kill);
         if st.mount_cycle == Some(true) {
             ops.push(Op::MountCycle);
         }
@@ -1488,6 +1524,9 @@ pub fn node_kinds(n: &NodeSpec) -> Vec<&'static str> {
     if n.size.is_some() && n.file.is_none() {
         k.push("size");
     }
+    if n.program.is_some() {
+        k.push("program");
+    }
     if n.dir.is_some() {
         k.push("dir");
     }
@@ -1540,6 +1579,7 @@ fn op_paths(op: &Op) -> Vec<&str> {
         Op::Readdir(a) => a.path.iter().map(|s| s.as_str()).collect(),
         Op::Statfs(a) => vec![&a.path],
         Op::Handle(a) => vec![&a.path],
+        Op::Exec(a) => vec![&a.path],
         Op::Chattr(a) => vec![&a.path],
         Op::Lsattr(a) => vec![&a.path],
         Op::Syncfs(a) => a.path.iter().map(|s| s.as_str()).collect(),

@@ -35,6 +35,18 @@ pub struct Ctx<'a> {
     pub handles: BTreeMap<String, Vec<u8>>,
     /// Shared read-only mappings by name.
     pub maps: BTreeMap<String, Mapping>,
+    /// Programs started by `exec`, by name; killed when dropped.
+    pub programs: BTreeMap<String, Running>,
+}
+
+/// A program started from the merged view; killed and reaped on drop.
+pub struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A MAP_SHARED, PROT_READ mapping, unmapped on drop.
@@ -543,6 +555,29 @@ impl Ctx<'_> {
                 let name = a.fd.clone().unwrap_or_default();
                 self.upper_writes(|ctx| rustix::fs::fsync(ctx.fd(&name)?).map_err(rx))
             }
+            Op::Exec(a) => {
+                use std::os::unix::process::CommandExt;
+                let mut cmd = std::process::Command::new(self.path(&a.path));
+                cmd.args(&a.args)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                // SAFETY: prctl is async-signal-safe; the program must not
+                // outlive the trial.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                            .map_err(io::Error::from)
+                    });
+                }
+                let child = cmd.spawn().map_err(io)?;
+                self.programs.insert(a.name.clone(), Running(child));
+                ok()
+            }
+            Op::Kill(name) => {
+                self.programs.remove(name).ok_or(Errno::ESRCH)?;
+                ok()
+            }
             Op::ExtraMount(a) => {
                 let target = self.stack.root.join("extra");
                 fs::create_dir_all(&target).map_err(io)?;
@@ -564,6 +599,7 @@ impl Ctx<'_> {
     fn cycle(&mut self, between: impl FnOnce(&Stack) -> io::Result<()>) -> Result<(), Errno> {
         self.fds.clear();
         self.maps.clear();
+        self.programs.clear();
         self.backend.unmount(&self.stack.merged)?;
         between(self.stack)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;

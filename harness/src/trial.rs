@@ -147,6 +147,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> 
         fsid_captures: BTreeMap::new(),
         handles: BTreeMap::new(),
         maps: BTreeMap::new(),
+        programs: BTreeMap::new(),
     };
     ctx.observer.note_mount_options(&obs.mount_options);
     ctx.note_mounted();
@@ -155,6 +156,7 @@ pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> 
     }
     ctx.fds.clear();
     ctx.maps.clear();
+    ctx.programs.clear();
     clock.lap("run steps");
     // A step may have left the overlay unmounted (a failed mount cycle).
     let still_mounted = mount::mountinfo_options(&stack.merged).is_some();
