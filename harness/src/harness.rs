@@ -683,7 +683,20 @@ impl TrialPlan {
             .map(Duration::from_secs)
             .unwrap_or_else(default_timeout);
         let started = Instant::now();
-        let (obs, mut stages) = match sandbox::run_child::<_, ChildResult>(&job, timeout) {
+        let watch = crate::kmsg::Watch::start(&format!(
+            "{}/{}/{}",
+            self.implementation,
+            self.kernel,
+            self.key()
+        ));
+        let child = sandbox::run_child::<_, ChildResult>(&job, timeout);
+        if let Some(kernel_trouble) = watch.finish() {
+            return Self::fail(match child {
+                Err(e) => format!("{e}\n{kernel_trouble}"),
+                Ok(_) => kernel_trouble,
+            });
+        }
+        let (obs, mut stages) = match child {
             Ok(ChildResult::Observed(o, st)) => (*o, st),
             Ok(_) => return Self::fail("trial child answered with something else".into()),
             Err(e) => {
@@ -779,12 +792,94 @@ fn daemon_version(argv: &[String]) -> Result<String, String> {
         .to_string())
 }
 
-fn read_taint() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/kernel/tainted")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// Whether libtest-mimic will run this trial (its filter and `--skip`).
+fn selected(args: &Arguments, name: &str) -> bool {
+    let matches = |pattern: &str| match args.exact {
+        true => name == pattern,
+        false => name.contains(pattern),
+    };
+    args.filter.as_deref().is_none_or(matches) && !args.skip.iter().any(|s| matches(s))
+}
+
+/// A line on stderr every 30 s of a long run: done, failed, time left.
+struct Progress {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(results: Arc<Mutex<Vec<TrialResult>>>, total: usize) -> Progress {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let signal = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let (lock, cvar) = &*signal;
+            let mut stopped = lock.lock().expect("progress");
+            loop {
+                let (guard, _) = cvar
+                    .wait_timeout(stopped, Duration::from_secs(30))
+                    .expect("progress");
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                let (done, failed) = {
+                    let r = results.lock().expect("results");
+                    let failed = r.iter().filter(|t| t.status == Status::Fail).count();
+                    (r.len(), failed)
+                };
+                let elapsed = started.elapsed().as_secs();
+                let left = (done > 0 && total > done)
+                    .then(|| elapsed * (total - done) as u64 / done as u64)
+                    .map(|s| format!(", about {}m{:02}s left", s / 60, s % 60))
+                    .unwrap_or_default();
+                eprintln!(
+                    "ovlconf: {done}/{total} trials done ({}%), {failed} failed, {}m{:02}s{left}",
+                    done * 100 / total.max(1),
+                    elapsed / 60,
+                    elapsed % 60
+                );
+            }
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        *self.stop.0.lock().expect("progress") = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Passed, failed, deviating and skipped trials per implementation.
+pub fn summary_table(results: &[TrialResult]) -> String {
+    let mut rows: BTreeMap<&str, [usize; 4]> = BTreeMap::new();
+    for r in results {
+        let who = r.name.split('/').next().unwrap_or("");
+        let row = rows.entry(who).or_default();
+        let col = match r.status {
+            Status::Pass => 0,
+            Status::Fail => 1,
+            Status::Deviates => 2,
+            Status::Skip => 3,
+        };
+        row[col] += 1;
+    }
+    let mut out = format!(
+        "\n{:<22} {:>8} {:>8} {:>9} {:>8}\n",
+        "implementation", "passed", "failed", "deviates", "skipped"
+    );
+    for (who, [p, f, d, k]) in rows {
+        out.push_str(&format!("{who:<22} {p:>8} {f:>8} {d:>9} {k:>8}\n"));
+    }
+    out
 }
 
 /// The whole run: used by `tests/conformance.rs` and `ovlconf run`.
@@ -807,13 +902,19 @@ pub fn main_with(mut args: Arguments) -> std::process::ExitCode {
     }
     let results = Arc::new(Mutex::new(Vec::new()));
     let trials = suite.trials(results.clone());
-    let taint_before = read_taint();
+    let taint_before = crate::kmsg::taint();
     let listing = args.list;
+    let selected = trials.iter().filter(|t| selected(&args, t.name())).count();
+    let progress = (!listing).then(|| Progress::start(results.clone(), selected));
     let conclusion = libtest_mimic::run(&args, trials);
     if listing {
         return conclusion.exit_code();
     }
+    drop(progress);
     let results = std::mem::take(&mut *results.lock().expect("results"));
+    if results.len() > 1 {
+        eprintln!("{}", summary_table(&results));
+    }
     let pending: Vec<String> = results
         .iter()
         .filter(|r| r.reason.starts_with("new snapshot"))
@@ -847,7 +948,7 @@ pub fn main_with(mut args: Arguments) -> std::process::ExitCode {
             eprintln!("  {p}");
         }
     }
-    let taint_after = read_taint();
+    let taint_after = crate::kmsg::taint();
     if let (Some(b), Some(a)) = (taint_before, taint_after) {
         if a & !b != 0 {
             eprintln!("ovlconf: the kernel became tainted during this run: {b} -> {a} (new bits {:#x}); see dmesg", a & !b);

@@ -4,7 +4,8 @@
 //! [`scenario`] (parse) → [`layers`] (build layers) → [`mount`] →
 //! [`steps`] (run steps) → [`observe`] → [`compare`] (and snapshot) →
 //! [`report`]. [`harness`] turns scenarios into trials; [`sandbox`] gives
-//! each trial its own namespaces; [`probe`] finds what the kernel can do.
+//! each trial its own namespaces; [`probe`] finds what the kernel can do;
+//! [`kmsg`] watches the kernel log and taint while a trial runs.
 
 pub mod baseline;
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod errno;
 pub mod harness;
 pub mod html;
 pub mod implementation;
+pub mod kmsg;
 pub mod layers;
 pub mod matrix;
 pub mod mount;

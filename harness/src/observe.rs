@@ -187,12 +187,12 @@ impl Observer {
         Some(st.st_ino == d_ino)
     }
 
-    /// Call after mounting, with the options mountinfo shows.
-    pub fn note_mount_options(&mut self, options: &[String]) {
+    /// Call after mounting with whether xino is on: for the kernel as its
+    /// mountinfo shows, for a FUSE daemon as it was asked.
+    pub fn note_xino(&mut self, xino: bool) {
         let mut devs: Vec<u64> = self.layer_devs.values().copied().collect();
         devs.sort();
         devs.dedup();
-        let xino = options.iter().any(|o| o == "xino=on");
         self.dir_ino_synthetic = devs.len() > 1 && !xino;
     }
 

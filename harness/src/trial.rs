@@ -149,7 +149,13 @@ pub fn observe_trial(t: PreparedTrial) -> Result<(Observation, Stages), String> 
         maps: BTreeMap::new(),
         programs: BTreeMap::new(),
     };
-    ctx.observer.note_mount_options(&obs.mount_options);
+    let xino_shown = if backend.style == Style::Kernel {
+        &obs.mount_options
+    } else {
+        &set.options
+    };
+    ctx.observer
+        .note_xino(xino_shown.iter().any(|o| o == "xino=on"));
     ctx.note_mounted();
     for step in &sc.steps {
         obs.steps.push(ctx.run(step));

@@ -240,3 +240,42 @@ fn killing_runs_repeatedly_leaves_nothing_behind() {
         .unwrap_or_default();
     assert_eq!(loops_before, loops_after, "loop devices were left attached");
 }
+
+#[test]
+fn kernel_warning_during_a_trial_fails_that_trial() {
+    let _serial = serial();
+    if !root() || !have("fuse-overlayfs") || std::fs::metadata("/dev/kmsg").is_err() {
+        eprintln!("skipped: needs root, fuse-overlayfs and /dev/kmsg");
+        return;
+    }
+    // A stopped daemon holds its trial open for the timeout; a WARNING
+    // logged meanwhile belongs to that trial.
+    let mut run = suite("/default/whiteout/", &[("OVLCONF_TIMEOUT", "3")]);
+    run.wait_for_line_ending(" ok", Duration::from_secs(120));
+    let marker = format!("ovlconf-kmsg-self-test-{}", std::process::id());
+    let start = Instant::now();
+    let mut stopped = 0;
+    let mut logged = false;
+    while start.elapsed() < Duration::from_secs(2) {
+        stopped += signal_all("fuse-overlayfs -f", nix::sys::signal::Signal::SIGSTOP);
+        if stopped > 0 && !logged {
+            // A record shaped like a WARN() splat, marked as this test's.
+            std::fs::write(
+                "/dev/kmsg",
+                format!(
+                    "WARNING: CPU: 0 PID: 0 at {marker} (injected by harness/tests/faults.rs)\n"
+                ),
+            )
+            .expect("write /dev/kmsg");
+            logged = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = wait_bounded(&mut run, Duration::from_secs(600));
+    assert!(logged, "no daemon was ever seen to stop");
+    assert!(
+        out.contains(&marker) && out.contains("problem record(s) during this trial"),
+        "no trial reported the kernel warning:\n{out}"
+    );
+    assert_clean();
+}
