@@ -342,7 +342,12 @@ impl Observer {
                 node.size = Some(st.st_size as u64);
                 node.sparse = Some(st.st_size > 0 && st.st_blocks * 512 < st.st_size);
                 if st.st_size <= 4096 {
-                    node.content = Some(render_bytes(&fs::read(path)?));
+                    // A file may refuse to be read (EIO of a verity
+                    // mismatch or lost metacopy data): that is observed too.
+                    node.content = Some(match fs::read(path) {
+                        Ok(bytes) => render_bytes(&bytes),
+                        Err(e) => format!("<read error {}>", crate::errno::of_io(&e)),
+                    });
                 }
             }
             "symlink" => {

@@ -47,6 +47,10 @@ pub const FEATURES: &[(&str, &str)] = &[
         "override_creds_option",
         "the override_creds / nooverride_creds mount flags (6.15+)",
     ),
+    (
+        "verity_option",
+        "the verity= mount option (6.6+; verity=off is accepted without fs-verity support)",
+    ),
     ("uuid_null", "the uuid=null mount option"),
     (
         "uuid_auto",
@@ -216,6 +220,13 @@ pub fn probe_all(root: bool) -> Features {
             probe_overlay(
                 &base.join("oc"),
                 "lowerdir=$L,upperdir=$U,workdir=$W,override_creds",
+            ),
+        ),
+        (
+            "verity_option",
+            probe_overlay(
+                &base.join("vo"),
+                "lowerdir=$L,upperdir=$U,workdir=$W,metacopy=on,redirect_dir=on,verity=off",
             ),
         ),
         ("new_mount_api", probe_fsopen(None)),
