@@ -73,6 +73,15 @@ pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Resul
         names.push("upper".into());
     }
 
+    // Layers holding owners the user namespace cannot map need a filesystem
+    // of the initial namespace (one mounted inside would refuse them).
+    let outside_owned: Vec<String> = layers
+        .lower
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.values().any(|n| n.value.owner_outside_userns))
+        .map(|(i, _)| format!("lower{i}"))
+        .collect();
     // Filesystem mount point for each layer name.
     let mut fs_of: BTreeMap<String, PathBuf> = BTreeMap::new();
     match set.placement {
@@ -86,7 +95,12 @@ pub fn build(layers: &LayersSpec, fs_kind: FsKind, set: &OptionSet) -> io::Resul
         Placement::Separate => {
             for n in &names {
                 let dir = root.join("fs").join(n);
-                make_fs(&root, n, fs_kind, &dir)?;
+                if outside_owned.contains(n) {
+                    fs::create_dir_all(&dir)?;
+                    crate::sandbox::mount_from_outside(&dir)?;
+                } else {
+                    make_fs(&root, n, fs_kind, &dir)?;
+                }
                 fs_of.insert(n.clone(), dir);
             }
         }
@@ -308,6 +322,11 @@ pub fn populate(dir: &Path, tree: &TreeSpec, prefix: &str) -> io::Result<()> {
             )
             .map_err(|e| ctx(rel, e.into()))?;
         }
+    }
+    // After times and modes: once the owner is foreign, the namespace's
+    // root may not change the inode any more.
+    for (rel, _) in tree.iter().filter(|(_, n)| n.value.owner_outside_userns) {
+        crate::sandbox::chown_from_outside(&dir.join(rel)).map_err(|e| ctx(rel, e))?;
     }
     for (rel, _) in tree.iter().filter(|(_, n)| n.value.verity) {
         enable_verity(&dir.join(rel)).map_err(|e| ctx(rel, e))?;

@@ -192,6 +192,96 @@ fn enter(privilege: Privilege) -> Result<(), String> {
 /// First host id of the range a mapped user namespace gets.
 pub const USERNS_HOST_BASE: u32 = 100_000;
 
+/// A host uid and gid just past the mapped range: no id inside maps to it.
+pub const UNMAPPED_HOST_ID: u32 = USERNS_HOST_BASE + 65_536;
+
+/// Inside a mapped user namespace: the pipes to the process outside it that
+/// does what only the initial namespace may (write end, answer read end).
+static OUTSIDE: std::sync::OnceLock<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> =
+    std::sync::OnceLock::new();
+
+/// Give `path` (inside this trial) the unmapped host owner, done by the
+/// process outside the user namespace. Only in a mapped user namespace, on
+/// a filesystem from [`mount_from_outside`]: one mounted inside the
+/// namespace cannot hold ids the namespace does not map.
+pub fn chown_from_outside(path: &std::path::Path) -> std::io::Result<()> {
+    ask_outside("chown", path)
+}
+
+/// A tmpfs at `path` mounted by the process outside the user namespace
+/// (so it belongs to the initial one), its root owned by the namespace's
+/// root.
+pub fn mount_from_outside(path: &std::path::Path) -> std::io::Result<()> {
+    ask_outside("mount", path)
+}
+
+fn ask_outside(what: &str, path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some((request, answer)) = OUTSIDE.get() else {
+        return Err(std::io::Error::other(
+            "an owner outside the user namespace needs a user-namespace option set",
+        ));
+    };
+    let mut line = format!("{what} ").into_bytes();
+    line.extend_from_slice(path.as_os_str().as_bytes());
+    line.push(b'\n');
+    nix::unistd::write(request, &line)?;
+    let mut code = [0u8; 1];
+    nix::unistd::read(answer, &mut code)?;
+    match code[0] {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e as i32)),
+    }
+}
+
+/// Outside the namespace: serve the child's requests until it closes its
+/// end (it exits). The first request moves this process into the child's
+/// mount namespace, so nothing here touches the host's.
+fn serve_outside(child: Pid, requests: std::os::fd::OwnedFd, answers: std::os::fd::OwnedFd) {
+    use std::io::BufRead;
+    let reader = std::io::BufReader::new(std::fs::File::from(requests));
+    let mut joined = false;
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let (what, path) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        let r = (|| -> nix::Result<()> {
+            if !joined {
+                let ns = std::fs::File::open(format!("/proc/{child}/ns/mnt"))
+                    .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(5)))?;
+                nix::sched::setns(ns, CloneFlags::CLONE_NEWNS)?;
+                joined = true;
+            }
+            let id = Some(UNMAPPED_HOST_ID);
+            match what {
+                "chown" => nix::unistd::fchownat(
+                    nix::fcntl::AT_FDCWD,
+                    path,
+                    id.map(nix::unistd::Uid::from_raw),
+                    id.map(nix::unistd::Gid::from_raw),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ),
+                "mount" => mount(
+                    Some("tmpfs"),
+                    path,
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    Some(
+                        format!("mode=0755,uid={USERNS_HOST_BASE},gid={USERNS_HOST_BASE}").as_str(),
+                    ),
+                ),
+                _ => Err(nix::errno::Errno::EINVAL),
+            }
+        })();
+        let code = match r {
+            Ok(()) => 0u8,
+            Err(e) => (e as i32).clamp(1, 255) as u8,
+        };
+        if nix::unistd::write(&answers, &[code]).is_err() {
+            break;
+        }
+    }
+}
+
 /// As root, map 0..65535 inside to an unused host range. Only a process
 /// outside the new namespace may write such a map, so we fork: the
 /// grandchild unshares, this process writes its maps and then waits for it,
@@ -199,11 +289,19 @@ pub const USERNS_HOST_BASE: u32 = 100_000;
 fn enter_mapped_userns() -> Result<(), String> {
     let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
     let (go_r, go_w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    // Close-on-exec: programs the trial starts must not hold the requests
+    // open (the process outside waits for their end).
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (request_r, request_w) = nix::unistd::pipe2(cloexec).map_err(|e| e.to_string())?;
+    let (answer_r, answer_w) = nix::unistd::pipe2(cloexec).map_err(|e| e.to_string())?;
     // SAFETY: the trial child is single-threaded.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(ready_r);
             drop(go_w);
+            drop(request_r);
+            drop(answer_w);
+            let _ = OUTSIDE.set((request_w, answer_r));
             unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
                 .map_err(|e| format!("unshare(CLONE_NEWUSER): {e}"))?;
             nix::unistd::write(&ready_w, b"u").map_err(|e| e.to_string())?;
@@ -222,6 +320,8 @@ fn enter_mapped_userns() -> Result<(), String> {
         ForkResult::Parent { child } => {
             drop(ready_w);
             drop(go_r);
+            drop(request_w);
+            drop(answer_r);
             let mut b = [0u8; 1];
             let ok = nix::unistd::read(&ready_r, &mut b)
                 .map(|n| n == 1)
@@ -231,6 +331,7 @@ fn enter_mapped_userns() -> Result<(), String> {
                 && std::fs::write(format!("/proc/{child}/uid_map"), &map).is_ok()
                 && std::fs::write(format!("/proc/{child}/gid_map"), &map).is_ok();
             let _ = nix::unistd::write(&go_w, if wrote { b"m" } else { b"x" });
+            serve_outside(child, request_r, answer_w);
             // Pass on the grandchild's stdout verbatim (it is ours: inherited).
             let code = match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, c)) => c,

@@ -173,6 +173,10 @@ pub struct NodeSpec {
     /// Layers only: an executable built into the harness, for `exec`:
     /// `pause`, a 129-byte static x86-64 program that waits in pause(2).
     pub program: Option<ProgramKind>,
+    /// Layers only, user-namespace option sets: owned by a host uid and gid
+    /// that the namespace does not map (set from outside the namespace).
+    #[serde(default)]
+    pub owner_outside_userns: bool,
     /// Layers only: enable fs-verity on this regular file (`fs: ext4`).
     #[serde(default)]
     pub verity: bool,
