@@ -279,3 +279,48 @@ fn kernel_warning_during_a_trial_fails_that_trial() {
     );
     assert_clean();
 }
+
+#[test]
+fn two_runs_at_the_same_time_do_not_interfere() {
+    let _serial = serial();
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // Same trials, same workspace, same moment: each trial has its own
+    // namespaces and /tmp, so both runs must agree trial by trial.
+    let results = |tag: &str| {
+        std::env::temp_dir().join(format!("ovlconf-twin-{tag}-{}.json", std::process::id()))
+    };
+    let spawn = |tag: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ovlconf"))
+            .args(["run", "--", "--test-threads", "2", "/whiteout/"])
+            .env("CI", "true")
+            .env("INSTA_UPDATE", "no")
+            .env("OVLCONF_IMPLEMENTATIONS", "kernel")
+            .env("OVLCONF_RESULTS", results(tag))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ovlconf")
+    };
+    let (mut a, mut b) = (spawn("a"), spawn("b"));
+    let (sa, sb) = (a.wait().unwrap(), b.wait().unwrap());
+    let outcome = |tag: &str| -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(results(tag)).expect("results file")).unwrap();
+        let mut out: Vec<(String, String)> = v["trials"]
+            .as_array()
+            .expect("trials")
+            .iter()
+            .map(|t| (t["name"].to_string(), t["status"].to_string()))
+            .collect();
+        out.sort();
+        out
+    };
+    let (ra, rb) = (outcome("a"), outcome("b"));
+    assert!(!ra.is_empty(), "the first run ran no trial");
+    assert_eq!(ra, rb, "the two runs disagree");
+    assert!(sa.success() && sb.success(), "a run failed: {sa} / {sb}");
+    assert_clean();
+}
