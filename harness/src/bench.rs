@@ -58,14 +58,7 @@ pub fn floor(iterations: usize, files: usize) -> Result<FloorResult, String> {
             upper.join("u").display(),
             upper.join("w").display()
         );
-        mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|x| e("overlay", x))?;
+        crate::mount::mount_overlay_at(&merged, &opts).map_err(|x| e("overlay", x))?;
         // Steps: a stat, a write-open (copy-up), a write, an unlink.
         let _ = fs::symlink_metadata(merged.join("d/f0"));
         {

@@ -200,14 +200,8 @@ fn build_nested(root: &Path, spec: &NestedSpec, prefix: &str) -> io::Result<Path
     }
     let merged = base.join("merged");
     fs::create_dir_all(&merged)?;
-    mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .map_err(|e| io::Error::other(format!("mounting the nested overlay ({opts}): {e}")))?;
+    crate::mount::mount_overlay_at(&merged, &opts)
+        .map_err(|e| io::Error::other(format!("mounting the nested overlay ({opts}): {e}")))?;
     Ok(merged)
 }
 

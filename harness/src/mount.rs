@@ -280,16 +280,21 @@ fn is_fuse_mounted(target: &Path) -> bool {
 
 /// mount(2) the overlay at the stack's merged dir.
 pub fn mount_overlay(stack: &Stack, opts: &str) -> Outcome {
-    match mount(
-        Some("overlay"),
-        &stack.merged,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts),
-    ) {
+    match mount_overlay_at(&stack.merged, opts) {
         Ok(()) => Outcome::Ok,
         Err(e) => Outcome::Err(errno::name(e as i32)),
     }
+}
+
+/// mount(2) of an overlay with this option string at `target`.
+pub fn mount_overlay_at(target: &Path, opts: &str) -> nix::Result<()> {
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts),
+    )
 }
 
 pub fn unmount(target: &Path) -> nix::Result<()> {

@@ -181,6 +181,46 @@ pub fn probe_implementations(
     out
 }
 
+/// Features that are just "overlay accepts these options": (feature,
+/// scratch dir, options with $L $D $U $W for the scratch layers).
+const OPTION_PROBES: &[(&str, &str, &str)] = &[
+    (
+        "data_only_layers",
+        "dol",
+        "lowerdir=$L::$D,upperdir=$U,workdir=$W,metacopy=on",
+    ),
+    (
+        "data_only_without_metacopy",
+        "dolnm",
+        "lowerdir=$L::$D,upperdir=$U,workdir=$W",
+    ),
+    (
+        "override_creds_option",
+        "oc",
+        "lowerdir=$L,upperdir=$U,workdir=$W,override_creds",
+    ),
+    (
+        "verity_option",
+        "vo",
+        "lowerdir=$L,upperdir=$U,workdir=$W,metacopy=on,redirect_dir=on,verity=off",
+    ),
+    (
+        "uuid_null",
+        "uuid",
+        "lowerdir=$L,upperdir=$U,workdir=$W,uuid=null",
+    ),
+    (
+        "uuid_auto",
+        "uuida",
+        "lowerdir=$L,upperdir=$U,workdir=$W,uuid=auto",
+    ),
+    (
+        "fsync_option",
+        "fsync",
+        "lowerdir=$L,upperdir=$U,workdir=$W,fsync=strict",
+    ),
+];
+
 /// Runs inside a sandbox child: try each feature.
 pub fn probe_all(root: bool) -> Features {
     let mut f = Features::default();
@@ -200,59 +240,10 @@ pub fn probe_all(root: bool) -> Features {
             "xattr_whiteout",
             probe_xattr_whiteout(&base.join("xw"), root),
         ),
-        (
-            "data_only_layers",
-            probe_overlay(
-                &base.join("dol"),
-                "lowerdir=$L::$D,upperdir=$U,workdir=$W,metacopy=on",
-            ),
-        ),
-        (
-            "data_only_without_metacopy",
-            probe_overlay(
-                &base.join("dolnm"),
-                "lowerdir=$L::$D,upperdir=$U,workdir=$W",
-            ),
-        ),
         ("layer_fds", probe_layer_fds(&base.join("lfd"))),
-        (
-            "override_creds_option",
-            probe_overlay(
-                &base.join("oc"),
-                "lowerdir=$L,upperdir=$U,workdir=$W,override_creds",
-            ),
-        ),
-        (
-            "verity_option",
-            probe_overlay(
-                &base.join("vo"),
-                "lowerdir=$L,upperdir=$U,workdir=$W,metacopy=on,redirect_dir=on,verity=off",
-            ),
-        ),
         ("new_mount_api", probe_fsopen(None)),
         ("lowerdir_append", probe_fsopen(Some(&base.join("lda")))),
         ("overlay_fs_context", probe_overlay_fs_context()),
-        (
-            "uuid_null",
-            probe_overlay(
-                &base.join("uuid"),
-                "lowerdir=$L,upperdir=$U,workdir=$W,uuid=null",
-            ),
-        ),
-        (
-            "uuid_auto",
-            probe_overlay(
-                &base.join("uuida"),
-                "lowerdir=$L,upperdir=$U,workdir=$W,uuid=auto",
-            ),
-        ),
-        (
-            "fsync_option",
-            probe_overlay(
-                &base.join("fsync"),
-                "lowerdir=$L,upperdir=$U,workdir=$W,fsync=strict",
-            ),
-        ),
         (
             "mountinfo_shows_implied_redirect_dir",
             probe_implied_redirect_dir(&base.join("mcrd")),
@@ -275,7 +266,10 @@ pub fn probe_all(root: bool) -> Features {
         ),
         ("fs_verity", probe_fs_verity(&base.join("verity"))),
     ];
-    for (name, r) in results {
+    let option_results = OPTION_PROBES
+        .iter()
+        .map(|(name, dir, opts)| (*name, probe_overlay(&base.join(dir), opts)));
+    for (name, r) in results.into_iter().chain(option_results) {
         match r {
             Ok(()) => f.present.push(name.to_string()),
             Err(why) => {

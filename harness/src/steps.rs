@@ -582,13 +582,7 @@ impl Ctx<'_> {
                 let target = self.stack.root.join("extra");
                 fs::create_dir_all(&target).map_err(io)?;
                 let opts = mount::expand(&a.raw, self.stack);
-                nix::mount::mount(
-                    Some("overlay"),
-                    &target,
-                    Some("overlay"),
-                    nix::mount::MsFlags::empty(),
-                    Some(opts.as_str()),
-                )?;
+                mount::mount_overlay_at(&target, &opts)?;
                 mount::unmount(&target)?;
                 ok()
             }
