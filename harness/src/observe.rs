@@ -173,6 +173,8 @@ pub struct Observer {
     pub started: i64,
     /// Directories' st_ino come from a per-mount counter.
     pub dir_ino_synthetic: bool,
+    /// How many times the overlay was mounted again (mount cycles).
+    pub mount_epoch: u64,
 }
 
 impl Observer {
@@ -199,6 +201,7 @@ impl Observer {
     pub fn new(stack: &Stack) -> Self {
         Observer {
             dir_ino_synthetic: false,
+            mount_epoch: 0,
             overlay_dev: 0,
             pseudo_devs: Classes::new("pseudo"),
             layer_devs: stack.devs.clone(),
@@ -220,7 +223,9 @@ impl Observer {
             .map(|(n, _)| n.as_str())
             .collect();
         if names.is_empty() {
-            self.pseudo_devs.class((dev, 0))
+            // Per mount: a remount's anonymous devices may or may not reuse
+            // numbers of the last mount's, which must not change the labels.
+            self.pseudo_devs.class((dev, self.mount_epoch))
         } else {
             names.join("+")
         }

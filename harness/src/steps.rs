@@ -599,6 +599,7 @@ impl Ctx<'_> {
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
         match self.backend.mount(self.stack, &self.mount_opts) {
             crate::scenario::Outcome::Ok => {
+                self.observer.mount_epoch += 1;
                 self.note_mounted();
                 Ok(())
             }
