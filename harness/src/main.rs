@@ -172,7 +172,7 @@ fn coverage() -> ExitCode {
     let Some(suite) = load_suite(&root) else {
         return ExitCode::FAILURE;
     };
-    let mut runs = load_results(&results_files(&root));
+    let mut runs = load_results(&ovlconf::report::results_files(&root));
     // Newest run per kernel wins.
     runs.dedup_by(|a, b| a.kernel == b.kernel);
     let spec = match ovlconf::spec::SpecIds::load(&suite.cases.join("BEHAVIOURS.md")) {
@@ -386,22 +386,6 @@ fn bench(quick: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The host run's results first, then the VM runs'.
-fn results_files(root: &std::path::Path) -> Vec<PathBuf> {
-    let mut files = vec![ovlconf::report::results_path(root)];
-    if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
-        let mut vm: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path().join("results.json"))
-            .filter(|p| p.exists())
-            .collect();
-        vm.sort();
-        files.extend(vm);
-    }
-    files.retain(|f| f.exists());
-    files
-}
-
 fn load_results(files: &[PathBuf]) -> Vec<ovlconf::report::Results> {
     let mut runs = Vec::new();
     for f in files {
@@ -418,7 +402,7 @@ fn load_results(files: &[PathBuf]) -> Vec<ovlconf::report::Results> {
 
 fn html(out: Option<PathBuf>) -> ExitCode {
     let root = ovlconf::harness::workspace_root();
-    let runs = load_results(&results_files(&root));
+    let runs = load_results(&ovlconf::report::results_files(&root));
     if runs.is_empty() {
         eprintln!("ovlconf: no results files (run `ovlconf run` or ci/vm/run-kernel first)");
         return ExitCode::FAILURE;

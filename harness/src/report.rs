@@ -75,6 +75,22 @@ impl Results {
     }
 }
 
+/// The host run's results first, then the VM runs' (`target/vm/*/`), those
+/// that exist.
+pub fn results_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = vec![results_path(root)];
+    if let Ok(rd) = std::fs::read_dir(root.join("target/vm")) {
+        let mut vm: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path().join("results.json"))
+            .collect();
+        vm.sort();
+        files.extend(vm);
+    }
+    files.retain(|f| f.exists());
+    files
+}
+
 /// `$OVLCONF_RESULTS`, else `target/ovlconf/results.json` in the workspace.
 pub fn results_path(workspace: &Path) -> PathBuf {
     match std::env::var_os("OVLCONF_RESULTS") {

@@ -132,16 +132,7 @@ fn synthetic_page() {
 /// render them: every scenario trial is one cell.
 #[test]
 fn workspace_results_page() {
-    let mut files = vec![root().join("target/ovlconf/results.json")];
-    if let Ok(rd) = std::fs::read_dir(root().join("target/vm")) {
-        let mut vm: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path().join("results.json"))
-            .filter(|p| p.exists())
-            .collect();
-        vm.sort();
-        files.extend(vm);
-    }
+    let files = ovlconf::report::results_files(&root());
     let runs: Vec<Results> = files
         .iter()
         .filter_map(|f| std::fs::read(f).ok())
